@@ -1,0 +1,97 @@
+"""Artifact folders: every stage writes weights + a small ``meta.json``, atomically.
+
+A stage writes into a hidden temporary sibling folder and renames it into place only when it is
+complete, so a crash never leaves a folder that looks whole. A folder counts as complete exactly when
+its ``meta.json`` exists (it is the last file written).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from .errors import CheckpointError, OutputExistsError
+
+META = "meta.json"
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | os.PathLike, *, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder that becomes ``out`` when the block finishes without error."""
+    out = Path(out)
+    if out.exists():
+        if not force:
+            raise OutputExistsError(f"output folder {out} already exists", fix="pass --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / "x")
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    """Write JSON atomically (temp file + rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def write_meta(folder: str | os.PathLike, meta: dict[str, Any]) -> None:
+    write_json(Path(folder) / META, meta)
+
+
+def read_meta(folder: str | os.PathLike, *, kind: str | None = None) -> dict[str, Any]:
+    """Read a stage folder's meta.json; a missing or unreadable one means the folder is not an artifact."""
+    path = Path(folder) / META
+    if not Path(folder).is_dir():
+        raise CheckpointError(f"{folder} is not a folder", fix="pass the folder a previous stage wrote")
+    if not path.is_file():
+        raise CheckpointError(
+            f"{folder} has no {META}: it is incomplete or not an amoeba artifact",
+            fix="re-run the stage that writes it",
+        )
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is corrupt ({exc})", fix="re-run the stage that writes it") from exc
+    if kind is not None and meta.get("kind") != kind:
+        raise CheckpointError(
+            f"{folder} holds a {meta.get('kind')!r} artifact, expected {kind!r}",
+            fix=f"pass a folder written by the {kind} stage",
+        )
+    return meta
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_inventory(folder: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of every file in a folder (meta.json excluded)."""
+    folder = Path(folder)
+    return {
+        str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != META
+    }

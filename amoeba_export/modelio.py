@@ -1,0 +1,136 @@
+"""Loading and saving plain HF checkpoints (safetensors only, never pickle)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .artifacts import atomic_dir, read_meta, sha256_file, write_meta
+from .errors import CheckpointError, UnsupportedArchitectureError
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+# model_type -> the causal-LM class name the elastic core knows how to slice.
+SUPPORTED_ARCHITECTURES: dict[str, str] = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "amoeba_llama": "AmoebaLlamaForCausalLM",
+}
+
+
+def check_architecture(config: Any) -> None:
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_ARCHITECTURES:
+        supported = ", ".join(sorted(set(SUPPORTED_ARCHITECTURES) - {"amoeba_llama"}))
+        raise UnsupportedArchitectureError(
+            f"architecture {model_type!r} is not supported; supported are: {supported}",
+            fix="pass a Llama-family checkpoint",
+        )
+
+
+def resolve_model(spec: str | Path | None) -> Path:
+    """A local HF folder for ``spec``: None/'default' → the shipped model; a .gguf → converted once."""
+    from .resources import default_model_dir
+
+    if spec is None or str(spec) == "default":
+        return default_model_dir()
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        from .paths import cache_subdir
+
+        out = cache_subdir("models") / f"{path.stem}-{sha256_file(path)[:12]}"
+        if (out / "meta.json").is_file():
+            return out
+        return convert_gguf_to_hf(path, out, name=path.stem)
+    if not path.is_dir():
+        raise CheckpointError(f"model {spec} not found", fix="pass an HF model folder, a .gguf file or 'default'")
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path} has no config.json", fix="pass a folder written by save_pretrained")
+    return path
+
+
+def load_config(path: str | Path) -> Any:
+    from transformers import AutoConfig
+
+    from . import hf  # noqa: F401  (registers amoeba_llama with the Auto classes)
+
+    try:
+        return AutoConfig.from_pretrained(str(path))
+    except (OSError, ValueError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"cannot read the config in {path}: {exc}", fix="re-create the checkpoint") from exc
+
+
+def load_model(path: str | Path, *, dtype: torch.dtype | None = None) -> PreTrainedModel:
+    """Load a causal LM from a local folder in eval mode (fp32 by default)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from . import hf  # noqa: F401
+
+    path = resolve_model(path)
+    config = load_config(path)
+    check_architecture(config)
+    if not any(path.glob("*.safetensors")):
+        raise CheckpointError(f"{path} holds no .safetensors weights", fix="save the model with safetensors")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or torch.float32)
+    except Exception as exc:  # transformers raises many types for a damaged folder
+        raise CheckpointError(f"cannot load the model in {path}: {type(exc).__name__}: {exc}",
+                              fix="re-create or re-download the checkpoint") from exc
+    return model.eval()
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as exc:
+        raise CheckpointError(f"cannot load the tokenizer in {path}: {exc}", fix="copy the tokenizer files") from exc
+
+
+def convert_gguf_to_hf(gguf_file: Path, out: Path, *, name: str) -> Path:
+    """Dequantize a GGUF with transformers and save it once as a plain safetensors folder."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    start = time.perf_counter()
+    gguf_file = Path(gguf_file)
+    kwargs = {"gguf_file": gguf_file.name}
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf_file.parent), **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf_file.parent), dtype=torch.float32, **kwargs)
+    except Exception as exc:
+        raise CheckpointError(f"cannot convert {gguf_file}: {type(exc).__name__}: {exc}",
+                              fix="pass a Llama-family GGUF file") from exc
+    check_architecture(model.config)
+    # The weights are now dequantized fp32: the GGUF's quantization no longer applies.
+    for attr in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(model.config, attr):
+            delattr(model.config, attr)
+    model.config.dtype = "float32"
+    with atomic_dir(out, force=True) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        write_meta(tmp, {
+            "kind": "hf_model",
+            "version": 1,
+            "name": name,
+            "source": str(gguf_file),
+            "source_sha256": sha256_file(gguf_file),
+            "convert_seconds": round(time.perf_counter() - start, 1),
+        })
+    return out
+
+
+def model_meta(path: str | Path) -> dict[str, Any]:
+    """meta.json of an amoeba-written model folder, or {} for a user's folder."""
+    try:
+        return read_meta(path)
+    except CheckpointError:
+        return {}
