@@ -1,0 +1,117 @@
+"""The backend contract every export format implements.
+
+A backend turns a *plain HF folder* into an artifact folder (model file(s), the tokenizer its runtime
+needs, and ``meta.json``) and loads an artifact into a :class:`Runner`. Backends never see elastic code.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from amoeba_export.artifacts import read_meta
+from amoeba_export.errors import BackendError, RuntimeMissingError
+
+ARTIFACT_KIND = "export"
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """An exported model folder; ``meta`` is its meta.json (backend, quant, source, sizes, sha256...)."""
+
+    path: Path
+    meta: dict[str, Any] = field(compare=False)
+
+    @classmethod
+    def open(cls, path: str | Path) -> Artifact:
+        return cls(Path(path), read_meta(path, kind=ARTIFACT_KIND))
+
+    @property
+    def backend(self) -> str:
+        return self.meta["backend"]
+
+    @property
+    def quant(self) -> str:
+        return self.meta["quant"]
+
+    @property
+    def model_file(self) -> Path:
+        return self.path / self.meta["model_file"]
+
+    @property
+    def size_bytes(self) -> int:
+        return int(self.meta.get("model_bytes") or sum(f["bytes"] for f in self.meta.get("files", {}).values()))
+
+
+class Runner(ABC):
+    """A model loaded in its runtime: full-sequence logits and KV-cached generation."""
+
+    threads: int | None = None
+
+    @property
+    @abstractmethod
+    def vocab_size(self) -> int: ...
+
+    @abstractmethod
+    def logits(self, input_ids: Sequence[int]) -> np.ndarray:
+        """float32 ``[len(input_ids), vocab]`` logits of one sequence (no padding)."""
+
+    @abstractmethod
+    def generate(self, input_ids: Sequence[int], max_new_tokens: int, *, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int = 0, stop_ids: Sequence[int] = ()) -> list[int]:
+        """New token ids after ``input_ids`` using the runtime's KV cache (greedy when temperature is 0)."""
+
+    def close(self) -> None:  # noqa: B027  (optional hook)
+        """Free the runtime's resources."""
+
+    def __enter__(self) -> Runner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Backend(ABC):
+    """One export format. Subclasses set the class attributes and implement export/load."""
+
+    name: str = ""
+    extra: str = ""  # pip extra that installs the runtime: pip install 'amoeba-export[<extra>]'
+    runtime_modules: tuple[str, ...] = ()
+    quant_types: tuple[str, ...] = ()
+    default_quant: str = ""
+
+    def check_runtime(self) -> None:
+        missing = [m for m in self.runtime_modules if importlib.util.find_spec(m) is None]
+        if missing:
+            raise RuntimeMissingError(
+                f"the {self.name} backend needs {', '.join(missing)}, which is not installed",
+                fix=f"pip install 'amoeba-export[{self.extra}]'",
+            )
+
+    def check_quant(self, quant: str) -> str:
+        canonical = {q.lower(): q for q in self.quant_types}
+        if quant.lower() not in canonical:
+            raise BackendError(f"unknown quant type {quant!r} for {self.name}; supported are: "
+                               f"{', '.join(self.quant_types)}", fix="pick one of the supported types")
+        return canonical[quant.lower()]
+
+    @abstractmethod
+    def export(self, hf_dir: Path, out_dir: Path, quant: str, *, force: bool = False,
+               **options: Any) -> Artifact:
+        """Write an artifact folder atomically (see amoeba_export.artifacts.atomic_dir)."""
+
+    @abstractmethod
+    def load(self, artifact: Artifact, *, threads: int | None = None) -> Runner: ...
+
+
+def timed(fn, *args, **kwargs) -> tuple[Any, float]:
+    start = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - start
