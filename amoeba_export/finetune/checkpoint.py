@@ -1,0 +1,99 @@
+"""Elastic checkpoint folders: what a fine-tune writes and what extraction reads.
+
+A folder of kind ``"elastic"`` (the run folder once finished, and every ``checkpoints/step-N``) holds
+``smol.safetensors`` (LoRA experts + gate, nothing pickled) and ``meta.json`` (last file written):
+``{"kind": "elastic", "version": 1, "plan_dir", "model_dir", "compensate", "smol": {...}, "train": {...},
+"step", "final", "weights": "smol.safetensors", "files": {...}}``. Training checkpoints add
+``optimizer.pt`` (tensors only, read with ``weights_only=True``), ``scheduler.json``, ``state.json`` and
+one ``rng-rank{r}.pt`` per process.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..artifacts import read_meta
+from ..errors import CheckpointError
+from .config import CONFIG_VERSION, SMoLConfig, TrainConfig
+
+if TYPE_CHECKING:
+    from ..elastic import ElasticLM
+    from ..plan import Plan
+    from .model import ShapeGate
+
+ELASTIC_KIND = "elastic"
+ELASTIC_VERSION = 1
+WEIGHTS = "smol.safetensors"
+STEP_DIR = re.compile(r"^step-(\d{8})$")
+
+
+def checkpoints_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """Complete training checkpoints of a run (a folder counts once its meta.json exists), by step."""
+    folder = checkpoints_dir(run_dir)
+    if not folder.is_dir():
+        return []
+    found = []
+    for p in folder.iterdir():
+        m = STEP_DIR.match(p.name)
+        if m and (p / "meta.json").is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1][1] if found else None
+
+
+def read_elastic_meta(folder: str | Path) -> dict[str, Any]:
+    meta = read_meta(folder, kind=ELASTIC_KIND)
+    if meta.get("version") != ELASTIC_VERSION:
+        raise CheckpointError(f"elastic checkpoint version {meta.get('version')} in {folder} is not supported "
+                              f"(this is {ELASTIC_VERSION})", fix="re-train with this amoeba-export version")
+    for key in ("plan_dir", "smol", "train", "weights"):
+        if key not in meta:
+            raise CheckpointError(f"{folder}/meta.json lacks {key!r}", fix="pass a folder written by amoeba train")
+    return meta
+
+
+def smol_config_of(meta: dict[str, Any]) -> SMoLConfig:
+    return TrainConfig.from_dict({"smol": meta["smol"], "version": CONFIG_VERSION}).smol
+
+
+def load_smol_weights(folder: str | Path) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(folder) / WEIGHTS
+    try:
+        return load_file(str(path))
+    except (OSError, SafetensorError) as exc:
+        raise CheckpointError(f"cannot read {path} ({exc})", fix="use another checkpoint of the run") from exc
+
+
+def load_trained_elastic(ckpt_dir: str | Path) -> tuple[ElasticLM, Plan, ShapeGate | None]:
+    """The plan's elastic model with the trained SMoL adapters attached, its plan and the shared gate
+    (None for single-LoRA). Call :func:`merge_for_shape` before reading ``effective_weight()``."""
+    from ..plan import load_elastic
+    from .model import SMoLModel
+
+    meta = read_elastic_meta(ckpt_dir)
+    plan_dir = Path(meta["plan_dir"])
+    if not (plan_dir / "meta.json").is_file():
+        raise CheckpointError(f"the plan {plan_dir} that {ckpt_dir} was trained on is missing",
+                              fix="restore the plan folder or re-train")
+    elastic, plan = load_elastic(plan_dir, compensate=meta.get("compensate"))
+    wrapper = SMoLModel(elastic, smol_config_of(meta))
+    wrapper.load_trainable_state(load_smol_weights(ckpt_dir))
+    wrapper.eval()
+    return elastic, plan, wrapper.gate

@@ -1,0 +1,191 @@
+"""Fine-tuning configs: frozen, versioned, JSON-serialisable, validated up front (every problem at once)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+
+CONFIG_VERSION = 1
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+MIXED_PRECISION = ("no", "bf16", "fp16")
+SCHEDULERS = ("constant", "cosine", "linear")
+DATA_FORMATS = ("auto", "text", "alpaca")
+DEFAULT_WIDTH_RATIOS = (1.0, 0.875, 0.75, 0.625, 0.5)
+
+
+@dataclass(frozen=True)
+class SMoLConfig:
+    """Shape-aware mixture of LoRAs: ``experts`` LoRAs of rank ``rank`` on every ``targets`` linear, mixed by
+    one gate shared by all layers. ``experts=1`` is plain single-LoRA (no gate)."""
+
+    experts: int = 5
+    rank: int = 8
+    alpha: float = 16.0
+    top_k: int = 2
+    gate_hidden: int = 16
+    noisy_gate: bool = True
+    targets: tuple[str, ...] = PROJECTIONS
+    # The offered width choices; a shape's width is encoded as the one-hot of the nearest ratio.
+    width_ratios: tuple[float, ...] = DEFAULT_WIDTH_RATIOS
+    version: int = CONFIG_VERSION
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+    def problems(self) -> list[str]:
+        out: list[str] = []
+        if self.version != CONFIG_VERSION:
+            out.append(f"smol.version {self.version} is not supported (this is {CONFIG_VERSION})")
+        if self.experts < 1:
+            out.append(f"smol.experts must be >= 1, got {self.experts}")
+        if self.rank < 1:
+            out.append(f"smol.rank must be >= 1, got {self.rank}")
+        if self.alpha <= 0:
+            out.append(f"smol.alpha must be > 0, got {self.alpha}")
+        if not 1 <= self.top_k <= max(self.experts, 1):
+            out.append(f"smol.top_k must be in [1, experts={self.experts}], got {self.top_k}")
+        if self.gate_hidden < 1:
+            out.append(f"smol.gate_hidden must be >= 1, got {self.gate_hidden}")
+        bad = [t for t in self.targets if t not in PROJECTIONS]
+        if bad or not self.targets:
+            out.append(f"smol.targets must be a non-empty subset of {', '.join(PROJECTIONS)} (lm_head is never "
+                       f"adapted); got {list(self.targets)}")
+        if not self.width_ratios or any(not 0 < r <= 1 for r in self.width_ratios):
+            out.append(f"smol.width_ratios must be non-empty ratios in (0, 1], got {list(self.width_ratios)}")
+        return out
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One elastic fine-tune. ``batch_size`` is per process; the global batch is ``batch_size × processes``."""
+
+    steps: int = 1000
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    scheduler: str = "constant"
+    warmup_steps: int = 0
+    batch_size: int = 1
+    seq_len: int = 256
+    shapes_per_step: int = 4
+    temperature: float = 1.0
+    balance: bool = True
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    save_every: int = 100
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    mixed_precision: str = "no"
+    width_mode: str = "global"
+    data_format: str = "auto"
+    data_files: tuple[str, ...] = ()  # empty: the shipped train split
+    max_train_tokens: int | None = None
+    gradient_checkpointing: bool = False
+    smol: SMoLConfig = field(default_factory=SMoLConfig)
+    version: int = CONFIG_VERSION
+
+    def problems(self) -> list[str]:
+        out: list[str] = []
+        if self.version != CONFIG_VERSION:
+            out.append(f"version {self.version} is not supported (this is {CONFIG_VERSION})")
+        for name in ("steps", "batch_size", "save_every", "keep_checkpoints", "log_every"):
+            if getattr(self, name) < 1:
+                out.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.seq_len < 2:
+            out.append(f"seq_len must be >= 2, got {self.seq_len}")
+        if self.lr <= 0:
+            out.append(f"lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            out.append(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.scheduler not in SCHEDULERS:
+            out.append(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
+        if self.warmup_steps < 0:
+            out.append(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.shapes_per_step < 2:
+            out.append(f"shapes_per_step must be >= 2 (largest + smallest), got {self.shapes_per_step}")
+        if self.temperature <= 0:
+            out.append(f"temperature must be > 0, got {self.temperature}")
+        if self.max_grad_norm < 0:
+            out.append(f"max_grad_norm must be >= 0 (0 turns clipping off), got {self.max_grad_norm}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            out.append(f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}")
+        if self.width_mode not in ("global", "uniform"):
+            out.append(f"width_mode must be 'global' or 'uniform', got {self.width_mode!r}")
+        if self.data_format not in DATA_FORMATS:
+            out.append(f"data_format must be one of {', '.join(DATA_FORMATS)}, got {self.data_format!r}")
+        if self.max_train_tokens is not None and self.max_train_tokens < self.seq_len:
+            out.append(f"max_train_tokens must be >= seq_len ({self.seq_len}), got {self.max_train_tokens}")
+        out.extend(self.smol.problems())
+        return out
+
+    def validate(self) -> TrainConfig:
+        problems = self.problems()
+        if problems:
+            raise ConfigError("invalid training config", problems, fix="correct the listed fields")
+        return self
+
+    # -- serialisation --------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["data_files"] = list(self.data_files)
+        d["smol"]["targets"] = list(self.smol.targets)
+        d["smol"]["width_ratios"] = list(self.smol.width_ratios)
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        problems: list[str] = []
+        smol_d = dict(d.get("smol") or {})
+        smol_names = {f.name for f in fields(SMoLConfig)}
+        names = {f.name for f in fields(cls)}
+        problems += [f"unknown field smol.{k}" for k in smol_d if k not in smol_names]
+        problems += [f"unknown field {k}" for k in d if k not in names]
+        if problems:
+            raise ConfigError("invalid training config", problems, fix="remove or rename the listed fields")
+        for key in ("targets", "width_ratios"):
+            if key in smol_d:
+                smol_d[key] = tuple(smol_d[key])
+        top = {k: v for k, v in d.items() if k != "smol"}
+        if "data_files" in top:
+            top["data_files"] = tuple(top["data_files"])
+        try:
+            return cls(**top, smol=SMoLConfig(**smol_d))
+        except TypeError as exc:
+            raise ConfigError("invalid training config", [str(exc)], fix="check the field types") from exc
+
+    @classmethod
+    def from_json_file(cls, path: str | Path) -> TrainConfig:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read training config {path}", [str(exc)], fix="pass a JSON file") from exc
+        return cls.from_dict(data)
+
+    def with_overrides(self, **changes: Any) -> TrainConfig:
+        smol_changes = {k[len("smol_"):]: v for k, v in changes.items() if k.startswith("smol_")}
+        top = {k: v for k, v in changes.items() if not k.startswith("smol_")}
+        smol = replace(self.smol, **smol_changes) if smol_changes else self.smol
+        return replace(self, **top, smol=smol)
+
+
+# Fields that may change when a run is resumed (they do not alter the trajectory up to the checkpoint).
+RESUMABLE_CHANGES = ("steps", "save_every", "keep_checkpoints", "log_every")
+
+
+def resume_problems(saved: TrainConfig, new: TrainConfig) -> list[str]:
+    """Why ``new`` cannot continue a run trained with ``saved`` (empty when it can)."""
+    a, b = saved.to_dict(), new.to_dict()
+    out = [f"{k}: checkpoint has {a[k]!r}, requested {b[k]!r}"
+           for k in a if k not in RESUMABLE_CHANGES and a[k] != b[k] and k != "smol"]
+    out += [f"smol.{k}: checkpoint has {a['smol'][k]!r}, requested {b['smol'][k]!r}"
+            for k in a["smol"] if a["smol"][k] != b["smol"][k]]
+    if saved.steps != new.steps and saved.scheduler != "constant":
+        out.append(f"steps: a {saved.scheduler} schedule depends on the step count ({saved.steps} vs {new.steps})")
+    return out
