@@ -95,6 +95,7 @@ def bench_artifact(artifact_dir: str | Path, *, threads: int | None = None, prom
         "machine": {"platform": platform.platform(), "processor": _cpu_name(), "cpus": os.cpu_count(),
                     **bandwidth},
         "metrics": metrics,
+        "pids": [r["pid"] for r in runs],
         "bandwidth_bound_tok_s": bound,
         "bound_fraction": metrics["decode_tok_s"]["median"] / bound,
     }

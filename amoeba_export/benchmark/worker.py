@@ -52,7 +52,8 @@ def run_generation(job: dict[str, Any]) -> dict[str, Any]:
     runner.close()
     return {"load_s": load_s, "ttft_s": ttft, "prefill_tok_s": job["prompt_tokens"] / ttft,
             "decode_tok_s": (new_tokens - 1) / decode_s, "generate_s": total,
-            "rss_before_load_gb": rss_before, "peak_rss_gb": _peak_rss_gb(), "threads": runner.threads}
+            "rss_before_load_gb": rss_before, "peak_rss_gb": _peak_rss_gb(), "threads": runner.threads,
+            "pid": os.getpid()}
 
 
 def run_bandwidth(job: dict[str, Any]) -> dict[str, Any]:
