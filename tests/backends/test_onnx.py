@@ -1,0 +1,187 @@
+"""ONNX backend: KV-cached decoder export, onnxruntime runner, quantization recipes, error paths."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from amoeba_export.backends import get_backend
+from amoeba_export.backends.base import Artifact
+
+from amoeba_export.errors import BackendError, ConfigError, OutputExistsError
+from amoeba_export.testing import tiny_llama, tiny_tokenizer
+
+Q_HEADS, KV_HEADS, MLP = [4, 2, 2], [2, 1, 2], [128, 48, 96]
+IDS = [5, 17, 101, 42, 7, 250, 3, 64, 99, 12, 180, 33]
+
+
+def _amoeba_model(out):
+    from amoeba_export.hf import AmoebaLlamaConfig, AmoebaLlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = AmoebaLlamaConfig(vocab_size=320, hidden_size=64, head_dim=16, num_hidden_layers=3,
+                               num_attention_heads=max(Q_HEADS), num_key_value_heads=max(KV_HEADS),
+                               intermediate_size=max(MLP), layer_num_attention_heads=Q_HEADS,
+                               layer_num_key_value_heads=KV_HEADS, layer_intermediate_sizes=MLP, qkv_bias=True,
+                               down_proj_bias=True, max_position_embeddings=256, initializer_range=0.15,
+                               tie_word_embeddings=False, bos_token_id=0, eos_token_id=0)
+    model = AmoebaLlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+    model.save_pretrained(out, safe_serialization=True)
+    tiny_tokenizer(320).save_pretrained(out)
+    return model
+
+
+@pytest.fixture(scope="module")
+def per_layer(tmp_path_factory):
+    """A per-layer-width model (with biases), its fp32 ONNX artifact and PyTorch logits of IDS."""
+    root = tmp_path_factory.mktemp("onnx_per_layer")
+    model = _amoeba_model(root / "hf")
+    artifact = get_backend("onnx").export(root / "hf", root / "fp32", "fp32")
+    with torch.no_grad():
+        ref = model(torch.tensor([IDS])).logits[0].numpy()
+    return root, artifact, ref, model
+
+
+@pytest.fixture(scope="module")
+def runner(per_layer):
+    _, artifact, _, _ = per_layer
+    with get_backend("onnx").load(artifact, threads=1) as r:
+        yield r
+
+
+def test_fp32_matches_pytorch_and_cache_decode_matches_full_sequence(per_layer, runner):
+    _, _, ref, _ = per_layer
+    full = runner.logits(IDS)
+    assert full.shape == (len(IDS), 320)
+    assert np.abs(full - ref).max() < 1e-4
+    # Prefill 5 tokens, then decode the rest one at a time over the cache.
+    logits, past = runner.step(np.array([IDS[:5]]), runner.empty_cache(1))
+    steps = [logits[0]]
+    for token in IDS[5:]:
+        logits, past = runner.step(np.array([[token]]), past)
+        steps.append(logits[0])
+    assert np.abs(np.concatenate(steps) - full).max() < 1e-4
+    assert past[0].shape[2] == len(IDS)
+
+
+def test_dynamic_batch(runner):
+    rows = np.array([IDS, IDS[::-1], [1] * len(IDS)])
+    logits, past = runner.step(rows, runner.empty_cache(3))
+    assert logits.shape[0] == 3 and past[0].shape[0] == 3
+    for row, got in zip(rows, logits):
+        assert np.abs(got - runner.logits(row.tolist())).max() < 1e-4
+    nxt, _ = runner.step(np.array([[4], [5], [6]]), past)
+    assert np.abs(nxt[1, -1] - runner.logits([*IDS[::-1], 5])[-1]).max() < 1e-4
+
+
+def test_per_layer_widths_in_graph_and_meta(per_layer, runner):
+    root, artifact, _, _ = per_layer
+    assert [h for h, _ in runner.past_shapes[::2]] == KV_HEADS
+    assert runner.past_names[:2] == ["past_key_values.0.key", "past_key_values.0.value"]
+    assert runner.present_names[-1] == f"present.{len(KV_HEADS) - 1}.value"
+    meta = artifact.meta
+    assert meta["shape"]["mlp"] == MLP and meta["shape"]["q_heads"] == Q_HEADS
+    assert meta["quant"] == "fp32" and meta["model_bytes"] == (artifact.path / "model.onnx").stat().st_size
+    assert not (artifact.path / "genai_config.json").exists()  # one KV width only in onnxruntime-genai
+    assert (artifact.path / "tokenizer.json").is_file()
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(artifact.model_file), providers=["CPUExecutionProvider"])
+    dims = {i.name: i.shape for i in sess.get_inputs()}
+    assert dims["input_ids"] == ["batch", "sequence_length"]
+    assert dims["past_key_values.1.key"] == ["batch", 1, "past_sequence_length", 16]
+
+
+def test_generate_greedy_matches_pytorch_and_sampling_is_seeded(per_layer, runner):
+    _, _, _, model = per_layer
+    ids = list(IDS[:6])
+    expected = []
+    with torch.no_grad():
+        for _ in range(8):
+            token = int(model(torch.tensor([ids + expected])).logits[0, -1].argmax())
+            expected.append(token)
+    assert runner.generate(ids, 8) == expected
+    a = runner.generate(ids, 8, temperature=1.0, top_p=0.9, seed=3)
+    assert a == runner.generate(ids, 8, temperature=1.0, top_p=0.9, seed=3)
+    assert len(a) == 8 and all(0 <= t < 320 for t in a)
+    assert runner.generate(ids, 8, stop_ids=[expected[0]]) == expected[:1]
+
+
+# Quantized vs the fp32 export on random weights (|logits| ~ 3): int4 with block 32 keeps the ranking of
+# nearly every position; a broken quantizer (wrong axis, wrong scales) gives agreement near 1/vocab.
+# Dynamic int8 scales activations per tensor, so a 20-token prefill and a 1-token step round differently:
+# its cache path only matches to the quantization error; the weight-only types quantize per row.
+@pytest.mark.parametrize("quant, min_top1, max_err, cache_tol", [("int8", 0.85, 1.2, 1.2),
+                                                                 ("int8-nbits", 0.0, 9.0, 1e-3),
+                                                                 ("int4", 0.0, 9.0, 1e-3)])
+def test_quantized_close_to_fp32(per_layer, runner, quant, min_top1, max_err, cache_tol):
+    root, fp32, _, _ = per_layer
+    backend = get_backend("onnx")
+    art = backend.export(root / "hf", root / quant, quant, fp32_onnx=fp32.path)
+    assert art.meta["recipe"]["method"] in ("dynamic", "nbits")
+    assert art.size_bytes < fp32.size_bytes
+    rng = np.random.default_rng(0)
+    rows = [rng.integers(0, 320, 32).tolist() for _ in range(4)]
+    with backend.load(art, threads=1) as q:
+        got = np.concatenate([q.logits(r) for r in rows])
+        want = np.concatenate([runner.logits(r) for r in rows])
+        top1 = float((got.argmax(-1) == want.argmax(-1)).mean())
+        print(quant, top1, np.abs(got - want).max())
+        assert top1 >= min_top1, top1
+        assert np.abs(got - want).max() <= max_err
+        logits, past = q.step(np.array([rows[0][:20]]), q.empty_cache(1))
+        for t in rows[0][20:]:
+            logits, past = q.step(np.array([[t]]), past)
+        assert np.abs(logits[0, -1] - got[31]).max() < cache_tol  # the cache path of the quantized graph
+
+
+def test_uniform_model_external_data_and_genai_config(tmp_path):
+    tiny_llama(tmp_path / "hf", layers=2, tie=True)
+    artifact = get_backend("onnx").export(tmp_path / "hf", tmp_path / "out", "fp32", external_data=True)
+    assert (artifact.path / "model.onnx.data").is_file()
+    assert artifact.size_bytes == sum(artifact.meta["files"][f]["bytes"] for f in ("model.onnx", "model.onnx.data"))
+    genai = json.loads((artifact.path / "genai_config.json").read_text())
+    decoder = genai["model"]["decoder"]
+    assert decoder["num_key_value_heads"] == 2 and decoder["head_size"] == 16 and decoder["num_hidden_layers"] == 2
+    assert decoder["inputs"]["past_key_names"] == "past_key_values.%d.key"
+    model = tiny_llama(None, layers=2, tie=True)
+    with get_backend("onnx").load(artifact) as r, torch.no_grad():
+        ref = model(torch.tensor([IDS])).logits[0].numpy()
+        assert np.abs(r.logits(IDS) - ref).max() < 1e-4
+        assert r.tokenize("the cat sat") == tiny_tokenizer(320)("the cat sat", add_special_tokens=False)["input_ids"]
+    with pytest.raises(OutputExistsError):
+        get_backend("onnx").export(tmp_path / "hf", tmp_path / "out", "fp32")
+
+
+def test_corrupt_model_file_gives_clear_error(per_layer, tmp_path):
+    import shutil
+
+    _, artifact, _, _ = per_layer
+    broken = tmp_path / "broken"
+    shutil.copytree(artifact.path, broken)
+    data = (broken / "model.onnx").read_bytes()
+    (broken / "model.onnx").write_bytes(data[: len(data) // 2])
+    with pytest.raises(BackendError, match="re-export"):
+        get_backend("onnx").load(Artifact.open(broken))
+
+
+def test_bad_quant_and_options_give_clear_errors(per_layer, tmp_path):
+    root, artifact, _, _ = per_layer
+    backend = get_backend("onnx")
+    with pytest.raises(BackendError, match="unknown quant type 'int3'"):
+        backend.export(root / "hf", tmp_path / "x", "int3")
+    with pytest.raises(BackendError, match="unknown ONNX quantization option"):
+        backend.export(root / "hf", tmp_path / "x", "int4", blocksize=64)
+    with pytest.raises(ConfigError, match="2 problem"):
+        backend.export(root / "hf", tmp_path / "x", "int4", bits=3, block_size=48)
+    with pytest.raises(BackendError, match="not an fp32 ONNX artifact"):
+        backend.export(root / "hf", tmp_path / "x", "int8", fp32_onnx=root / "int8")
+    assert not (tmp_path / "x").exists()
