@@ -110,9 +110,12 @@ def convert_gguf_to_hf(gguf_file: Path, out: Path, *, name: str) -> Path:
                               fix="pass a Llama-family GGUF file") from exc
     check_architecture(model.config)
     # The weights are now dequantized fp32: the GGUF's quantization no longer applies.
+    model.hf_quantizer = None
     for attr in ("quantization_config", "_pre_quantization_dtype"):
         if hasattr(model.config, attr):
             delattr(model.config, attr)
+    if hasattr(model, "is_quantized"):
+        model.is_quantized = False
     model.config.dtype = "float32"
     with atomic_dir(out, force=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)

@@ -1,0 +1,190 @@
+"""Instant extraction: a shape of a plan (or trained elastic checkpoint) as a plain HF folder.
+
+Uniform widths give a stock checkpoint (``LlamaForCausalLM`` etc.) that loads with no amoeba code;
+per-layer widths give an ``amoeba_llama`` checkpoint whose model code travels inside the folder.
+Weights are written directly from the sliced (and, after fine-tuning, LoRA-merged) elastic weights.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .artifacts import atomic_dir, read_meta, write_json, write_meta
+from .elastic import ElasticLM
+from .errors import ShapeError
+from .shape import Shape
+
+# Files of the source folder that are the model itself (everything else — tokenizer, chat template,
+# generation config — is copied along).
+MODEL_FILES = {"config.json", "meta.json", "model.safetensors.index.json"}
+STOCK_TYPES = {"llama", "mistral", "qwen2"}
+
+
+@torch.no_grad()
+def subnet_state_dict(elastic: ElasticLM, shape: Shape) -> tuple[dict[str, torch.Tensor], dict[str, bool]]:
+    """Weights of ``shape`` in transformers' naming and head order, plus which optional biases exist."""
+    dims = elastic.dims
+    hd = dims.head_dim
+    sd: dict[str, torch.Tensor] = {"model.embed_tokens.weight": elastic.embed_tokens.weight,
+                                   "model.norm.weight": elastic.norm.weight}
+    if not dims.tied_embeddings:
+        sd["lm_head.weight"] = elastic.lm_head.weight
+    flags = {"qkv_bias": False, "o_proj_bias": False, "down_proj_bias": False}
+    for new, (layer, q, kv, m) in enumerate(zip(shape.layers, shape.q_heads, shape.kv_heads, shape.mlp)):
+        block = elastic.layers[layer]
+        width = elastic.widths(shape)[layer]
+        heads = elastic._head_channels(elastic.group_major_heads(q, kv))
+        p = f"model.layers.{new}."
+        sd[p + "input_layernorm.weight"] = block.input_layernorm.weight
+        sd[p + "post_attention_layernorm.weight"] = block.post_attention_layernorm.weight
+        sd[p + "self_attn.q_proj.weight"] = block.q_proj.effective_weight(q * hd)[heads]
+        sd[p + "self_attn.k_proj.weight"] = block.k_proj.effective_weight(kv * hd)
+        sd[p + "self_attn.v_proj.weight"] = block.v_proj.effective_weight(kv * hd)
+        sd[p + "self_attn.o_proj.weight"] = block.o_proj.effective_weight(None, q * hd)[:, heads]
+        sd[p + "mlp.gate_proj.weight"] = block.gate_proj.effective_weight(m)
+        sd[p + "mlp.up_proj.weight"] = block.up_proj.effective_weight(m)
+        sd[p + "mlp.down_proj.weight"] = block.down_proj.effective_weight(None, m)
+        if block.q_proj.bias is not None:
+            flags["qkv_bias"] = True
+            sd[p + "self_attn.q_proj.bias"] = block.q_proj.bias[: q * hd][heads]
+            sd[p + "self_attn.k_proj.bias"] = block.k_proj.bias[: kv * hd]
+            sd[p + "self_attn.v_proj.bias"] = block.v_proj.bias[: kv * hd]
+        attn_b, mlp_b = block.compensation(width)
+        for key, own, comp, flag in (("self_attn.o_proj.bias", block.o_proj.bias, attn_b, "o_proj_bias"),
+                                     ("mlp.down_proj.bias", block.down_proj.bias, mlp_b, "down_proj_bias")):
+            if own is None and comp is None:
+                continue
+            bias = torch.zeros(dims.hidden_size) if own is None else own.detach().clone()
+            sd[p + key] = bias + (0 if comp is None else comp)
+            flags[flag] = True
+    # A bias flag applies to every layer: layers that had nothing removed get zero biases.
+    for new in range(shape.depth):
+        p = f"model.layers.{new}."
+        if flags["o_proj_bias"]:
+            sd.setdefault(p + "self_attn.o_proj.bias", torch.zeros(dims.hidden_size))
+        if flags["down_proj_bias"]:
+            sd.setdefault(p + "mlp.down_proj.bias", torch.zeros(dims.hidden_size))
+    return {k: v.detach().float().contiguous() for k, v in sd.items()}, flags
+
+
+def subnet_config(source_config: Any, shape: Shape, flags: dict[str, bool]) -> dict[str, Any]:
+    """config.json contents: a stock config when the shape allows it, else ``amoeba_llama``."""
+    cfg = source_config.to_dict()
+    for key in ("auto_map", "_name_or_path", "_model_name_or_path", "architectures", "transformers_version",
+                "quantization_config", "layer_num_attention_heads", "layer_num_key_value_heads",
+                "layer_intermediate_sizes", "qkv_bias", "o_proj_bias", "down_proj_bias"):
+        cfg.pop(key, None)
+    q, kv, m = max(shape.q_heads), max(shape.kv_heads), max(shape.mlp)
+    cfg.update(num_hidden_layers=shape.depth, num_attention_heads=q, num_key_value_heads=kv,
+               intermediate_size=m, head_dim=source_config.head_dim if hasattr(source_config, "head_dim")
+               and source_config.head_dim else source_config.hidden_size // source_config.num_attention_heads,
+               dtype="float32")
+    model_type = cfg["model_type"]
+    stock_ok = (shape.uniform and model_type in STOCK_TYPES and cfg["hidden_size"] % q == 0)
+    needs_bias = flags["o_proj_bias"] or flags["down_proj_bias"]
+    if stock_ok and not needs_bias:
+        cfg["architectures"] = [type(source_config).__name__.replace("Config", "ForCausalLM")]
+        return cfg
+    if stock_ok and model_type == "llama":
+        # Stock Llama can carry the compensation biases: its bias flags add zero q/k/v (and gate/up) biases.
+        cfg.update(attention_bias=True, mlp_bias=flags["down_proj_bias"], architectures=["LlamaForCausalLM"])
+        return cfg
+    for key in ("sliding_window", "use_sliding_window", "max_window_layers", "layer_types"):
+        cfg.pop(key, None)
+    cfg.update(model_type="amoeba_llama", architectures=["AmoebaLlamaForCausalLM"],
+               layer_num_attention_heads=list(shape.q_heads), layer_num_key_value_heads=list(shape.kv_heads),
+               layer_intermediate_sizes=list(shape.mlp), attention_bias=False, mlp_bias=False, **flags,
+               auto_map={"AutoConfig": "configuration_amoeba_llama.AmoebaLlamaConfig",
+                         "AutoModelForCausalLM": "modeling_amoeba_llama.AmoebaLlamaForCausalLM"})
+    return cfg
+
+
+def _stock_biases(sd: dict[str, torch.Tensor], cfg: dict[str, Any], shape: Shape, hd: int) -> None:
+    """Zero biases a stock Llama config with attention_bias/mlp_bias expects on every projection."""
+    h = cfg["hidden_size"]
+    for i, (q, kv, m) in enumerate(zip(shape.q_heads, shape.kv_heads, shape.mlp)):
+        p = f"model.layers.{i}."
+        if cfg.get("attention_bias"):
+            for name, size in (("q_proj", q * hd), ("k_proj", kv * hd), ("v_proj", kv * hd), ("o_proj", h)):
+                sd.setdefault(f"{p}self_attn.{name}.bias", torch.zeros(size))
+        if cfg.get("mlp_bias"):
+            for name, size in (("gate_proj", m), ("up_proj", m), ("down_proj", h)):
+                sd.setdefault(f"{p}mlp.{name}.bias", torch.zeros(size))
+
+
+def write_subnet(elastic: ElasticLM, shape: Shape, out: str | Path, *, source_dir: str | Path,
+                 meta: dict[str, Any] | None = None, force: bool = False) -> Path:
+    """Write ``shape`` of ``elastic`` as an HF folder (tokenizer copied from ``source_dir``)."""
+    from safetensors.torch import save_file
+
+    from . import hf
+
+    start = time.perf_counter()
+    shape.validate(elastic.dims)
+    sd, flags = subnet_state_dict(elastic, shape)
+    cfg = subnet_config(elastic.config, shape, flags)
+    if cfg["model_type"] != "amoeba_llama":
+        _stock_biases(sd, cfg, shape, elastic.dims.head_dim)
+    source_dir = Path(source_dir)
+    with atomic_dir(out, force=force) as tmp:
+        save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        write_json(tmp / "config.json", cfg)
+        for f in source_dir.iterdir():
+            if f.is_file() and f.name not in MODEL_FILES and not f.name.endswith((".safetensors", ".py", ".bin")):
+                shutil.copy2(f, tmp / f.name)
+        if cfg["model_type"] == "amoeba_llama":
+            for name in hf.MODEL_FILES:
+                shutil.copy2(Path(hf.__file__).parent / name, tmp / name)
+        params = sum(v.numel() for k, v in sd.items())
+        write_meta(tmp, {
+            "kind": "hf_model", "version": 1, "subnet": True, "shape": shape.to_dict(),
+            "params": params, "stock": cfg["model_type"] != "amoeba_llama", "model_type": cfg["model_type"],
+            "extract_seconds": round(time.perf_counter() - start, 3), **(meta or {}),
+        })
+    return Path(out)
+
+
+def load_source(source: str | Path, *, compensate: bool | None = None):
+    """``(elastic, plan, meta)`` of a plan folder or a trained elastic checkpoint."""
+    meta = read_meta(source)
+    if meta.get("kind") == "elastic":
+        from .finetune import load_trained_elastic
+
+        elastic, plan, _ = load_trained_elastic(source)
+        return elastic, plan, meta
+    from .plan import load_elastic
+
+    elastic, plan = load_elastic(read_meta(source, kind="plan") and source, compensate=compensate)
+    return elastic, plan, meta
+
+
+def prepare_shape(elastic: ElasticLM, shape: Shape) -> None:
+    """Trained elastic models mix their LoRA experts for the shape before weights are read."""
+    merge = getattr(elastic, "merge_for_shape", None)
+    if merge is not None:
+        merge(shape)
+
+
+def extract_subnet(source: str | Path, out: str | Path, *, depth: int | None = None, width: float = 1.0,
+                   mode: str = "global", params: int | None = None, compensate: bool | None = None,
+                   round_to: int | None = None, method: str = "dp", force: bool = False) -> Path:
+    """``amoeba extract``: pick a shape by (depth, width) or by parameter budget and write it."""
+    start = time.perf_counter()
+    elastic, plan, source_meta = load_source(source, compensate=compensate)
+    if params is not None:
+        shape = plan.shape_for_params(params)
+    else:
+        if depth is None:
+            raise ShapeError("no shape given", fix="pass --depth and --width, or --params")
+        shape = plan.shape(depth, width, mode, method=method, round_to=round_to)
+    prepare_shape(elastic, shape)
+    path = write_subnet(elastic, shape, out, source_dir=plan.model_dir, force=force,
+                        meta={"source": str(source), "source_kind": source_meta.get("kind"),
+                              "compensated": elastic.compensating,
+                              "total_seconds": round(time.perf_counter() - start, 3)})
+    return path

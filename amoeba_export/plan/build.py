@@ -1,0 +1,90 @@
+"""``amoeba plan``: compute a model's depth tables and width rankings on calibration text."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..data import chunks, split_tokens
+from ..elastic import ElasticLM, LayerWidth, make_elastic
+from ..modelio import load_model, load_tokenizer, resolve_model
+from .depth_baselines import block_influence, block_influence_selection, drop_last_selection
+from .depth_dp import DepthSearch, dp_layer_selection
+from .plan import Plan, PlanConfig, max_removed_layers
+from .width_importance import collect_stats, rank_layer
+
+
+class SuffixPerplexity:
+    """Calibration loss of a layer-removal set, reusing the hidden states of the untouched prefix."""
+
+    def __init__(self, elastic: ElasticLM, rows: torch.Tensor) -> None:
+        self.elastic, self.rows = elastic, rows
+        d = elastic.dims
+        self.full = LayerWidth(d.num_heads, d.num_kv_heads, d.intermediate_size)
+        with torch.no_grad():
+            h, self.pos = elastic.embed(rows)
+            self.entering: list[torch.Tensor] = []
+            for layer in range(d.num_layers):
+                self.entering.append(h)
+                h = elastic.layers[layer](h, self.pos, self.full)
+            self.full_loss = self._loss(h)
+
+    def _loss(self, h: torch.Tensor) -> float:
+        logits = self.elastic.head(h)
+        pred = logits[:, :-1].reshape(-1, logits.shape[-1])
+        return torch.nn.functional.cross_entropy(pred, self.rows[:, 1:].reshape(-1)).item()
+
+    @torch.no_grad()
+    def __call__(self, removed: frozenset[int], start: int) -> float:
+        h = self.entering[start]
+        for layer in range(start, self.elastic.dims.num_layers):
+            if layer not in removed:
+                h = self.elastic.layers[layer](h, self.pos, self.full)
+        return self._loss(h)
+
+
+def build_plan(model: str | Path | None, config: PlanConfig | None = None, *, progress: bool = True) -> Plan:
+    config = (config or PlanConfig()).validate()
+    model_dir = resolve_model(model)
+    started = time.perf_counter()
+    tokenizer = load_tokenizer(model_dir)
+    elastic = make_elastic(load_model(model_dir))
+    n = elastic.dims.num_layers
+    calib = split_tokens("calibration", tokenizer)
+    width_rows = chunks(calib, config.seq_len, config.width_tokens)
+    depth_rows = chunks(calib, config.seq_len, config.depth_tokens)
+
+    t0 = time.perf_counter()
+    attn, mlp = collect_stats(elastic, width_rows, progress=progress)
+    rankings = tuple(rank_layer(elastic, i, attn[i], mlp[i]) for i in range(n))
+    width_seconds = time.perf_counter() - t0
+
+    max_removed = max_removed_layers(n, config.max_removed)
+    candidates = list(range(n - 1)) if config.keep_last else list(range(n))
+    t0 = time.perf_counter()
+    scorer = SuffixPerplexity(elastic, depth_rows)
+    dp = dp_layer_selection(candidates, max_removed, scorer, full_score=scorer.full_loss, progress=progress)
+    dp.seconds = time.perf_counter() - t0
+    bi_values = block_influence(elastic, depth_rows)
+    searches: dict[str, DepthSearch] = {
+        "dp": dp,
+        "block_influence": block_influence_selection(bi_values, max_removed),
+        "drop_last": drop_last_selection(n, max_removed),
+    }
+    if progress:
+        tqdm.write(f"depth DP: {dp.evaluations} evaluations in {dp.seconds:.1f} s; "
+                   f"width statistics: {width_seconds:.1f} s")
+    stats = {
+        "dp_evaluations": dp.evaluations,
+        "dp_seconds": round(dp.seconds, 2),
+        "dp_calibration_loss": {str(m): round(v, 5) for m, v in dp.scores.items()},
+        "width_seconds": round(width_seconds, 2),
+        "block_influence": [round(v, 6) for v in bi_values],
+        "calibration_tokens": {"width": int(width_rows.numel()), "depth": int(depth_rows.numel())},
+        "total_seconds": round(time.perf_counter() - started, 2),
+    }
+    return Plan(model_dir=str(model_dir), dims=elastic.dims, config=config,
+                depth_tables={m: s.kept(n) for m, s in searches.items()}, rankings=rankings, stats=stats)

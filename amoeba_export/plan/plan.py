@@ -1,0 +1,286 @@
+"""Plans: the depth tables and width rankings a model's subnets are cut from.
+
+A plan folder holds ``plan.json`` (config, depth tables of the DP and both baselines, search cost),
+``width.safetensors`` (per-layer permutations, standardised unit scores, input means for compensation)
+and ``meta.json``. Any shape is then a cheap function of (depth, width ratio, mode).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..artifacts import atomic_dir, read_meta, write_json, write_meta
+from ..errors import CheckpointError, ConfigError, ShapeError
+from ..shape import ModelDims, Shape
+from .width_importance import LayerRanking
+
+PLAN_VERSION = 1
+DEPTH_METHODS = ("dp", "block_influence", "drop_last")
+WIDTH_MODES = ("global", "uniform")
+
+
+@dataclass(frozen=True)
+class PlanConfig:
+    """How a plan is computed. Defaults fit ≤ 10 min for SmolLM2-135M on a 2-core CPU."""
+
+    seq_len: int = 512
+    width_tokens: int = 4096  # calibration tokens for the importance statistics
+    depth_tokens: int = 1024  # calibration tokens per DP evaluation
+    max_removed: float = 0.5  # most layers the depth table removes, as a fraction of all layers
+    keep_last: bool = True
+    width_ratios: tuple[float, ...] = (1.0, 0.875, 0.75, 0.625, 0.5)
+    round_to: int = 32  # MLP widths are multiples of this (quantizer block sizes prefer 32/256)
+    compensate: bool = True  # default for extraction: FLAP bias compensation
+    version: int = PLAN_VERSION
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.seq_len < 8:
+            out.append("seq_len must be ≥ 8")
+        if self.width_tokens < self.seq_len or self.depth_tokens < self.seq_len:
+            out.append("width_tokens and depth_tokens must be ≥ seq_len")
+        if not 0 <= self.max_removed < 1:
+            out.append("max_removed must be in [0, 1)")
+        if not self.width_ratios or any(not 0 < w <= 1 for w in self.width_ratios):
+            out.append("width_ratios must be in (0, 1]")
+        if self.round_to < 1:
+            out.append("round_to must be ≥ 1")
+        return out
+
+    def validate(self) -> PlanConfig:
+        if problems := self.problems():
+            raise ConfigError("plan config", problems, fix="fix the listed values")
+        return self
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PlanConfig:
+        if d.get("version", PLAN_VERSION) != PLAN_VERSION:
+            raise CheckpointError(f"plan version {d.get('version')} is not supported", fix="re-run amoeba plan")
+        known = {f for f in cls.__dataclass_fields__}
+        d = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in known}
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class Plan:
+    model_dir: str
+    dims: ModelDims
+    config: PlanConfig
+    depth_tables: dict[str, dict[int, tuple[int, ...]]]
+    rankings: tuple[LayerRanking, ...] = field(repr=False)
+    stats: dict[str, Any] = field(default_factory=dict)
+    path: str | None = None
+
+    # -- shapes -------------------------------------------------------------------------------------
+    @property
+    def depth_table(self) -> dict[int, tuple[int, ...]]:
+        return self.depth_tables["dp"]
+
+    @property
+    def depths(self) -> list[int]:
+        return sorted(self.depth_table, reverse=True)
+
+    @property
+    def width_ratios(self) -> tuple[float, ...]:
+        return self.config.width_ratios
+
+    def full_shape(self) -> Shape:
+        return Shape.full(self.dims)
+
+    def smallest_shape(self, mode: str = "global") -> Shape:
+        return self.shape(min(self.depths), min(self.width_ratios), mode)
+
+    def grid(self, modes: tuple[str, ...] = ("global",)) -> list[Shape]:
+        """Every (depth, width ratio, mode) shape the plan offers."""
+        return [self.shape(d, w, m) for d in self.depths for w in self.width_ratios for m in modes]
+
+    def shape(self, depth: int, width: float, mode: str = "global", *, method: str = "dp",
+              round_to: int | None = None) -> Shape:
+        """The subnet with ``depth`` layers and width ratio ``width`` (fraction of prunable width params)."""
+        problems = []
+        if method not in self.depth_tables:
+            problems.append(f"unknown depth method {method!r} (supported are: {', '.join(self.depth_tables)})")
+        elif depth not in self.depth_tables[method]:
+            depths = sorted(self.depth_tables[method])
+            problems.append(f"depth {depth} is not in the plan (it offers {depths[0]}..{depths[-1]} layers)")
+        if not 0.05 <= width <= 1.0:
+            problems.append(f"width ratio {width} not in [0.05, 1]")
+        if mode not in WIDTH_MODES:
+            problems.append(f"unknown width mode {mode!r} (supported are: {', '.join(WIDTH_MODES)})")
+        if problems:
+            raise ShapeError("; ".join(problems), fix="pick a depth and width the plan offers")
+        layers = self.depth_tables[method][depth]
+        r = round_to or self.config.round_to
+        if width >= 1.0:
+            widths = [(self.dims.num_heads, self.dims.num_kv_heads, self.dims.intermediate_size)] * len(layers)
+        elif mode == "uniform":
+            widths = [self._uniform_width(width, r)] * len(layers)
+        else:
+            widths = self._global_widths(layers, width, r)
+        name = f"d{depth}-w{width:g}-{mode}" + ("" if method == "dp" else f"-{method}")
+        shape = Shape(tuple(layers), tuple(w[0] for w in widths), tuple(w[1] for w in widths),
+                      tuple(w[2] for w in widths), name=name,
+                      meta={"depth": depth, "width": width, "mode": mode, "method": method})
+        return shape.validate(self.dims)
+
+    def _units(self) -> int:
+        d = self.dims
+        return d.group_size if d.group_size > 1 else d.num_heads
+
+    def _heads_for_units(self, units: int) -> tuple[int, int]:
+        d = self.dims
+        if d.group_size > 1:
+            return units * d.num_kv_heads, d.num_kv_heads
+        return units, units
+
+    def _round_mlp(self, channels: float, r: int) -> int:
+        i = self.dims.intermediate_size
+        return int(min(i, max(min(r, i), round(channels / r) * r)))
+
+    def _uniform_width(self, width: float, r: int) -> tuple[int, int, int]:
+        units = max(1, round(width * self._units()))
+        q, kv = self._heads_for_units(units)
+        return q, kv, self._round_mlp(width * self.dims.intermediate_size, r)
+
+    def unit_costs(self) -> tuple[int, int]:
+        """Parameters removed with one attention unit and with one MLP channel."""
+        d = self.dims
+        if d.group_size > 1:
+            attn = 2 * d.num_kv_heads * d.head_dim * d.hidden_size  # q rows + o columns, every group
+        else:
+            attn = 4 * d.head_dim * d.hidden_size  # q, k, v rows + o columns
+        return attn, 3 * d.hidden_size
+
+    def _global_widths(self, layers: tuple[int, ...], width: float, r: int) -> list[tuple[int, int, int]]:
+        """Rank heads and channels of the kept layers together; keep the best within the budget."""
+        d = self.dims
+        n_units, inter = self._units(), d.intermediate_size
+        attn_cost, mlp_cost = self.unit_costs()
+        min_mlp = min(r, inter)
+        budget = width * len(layers) * (n_units * attn_cost + inter * mlp_cost)
+        attn_keep = {layer: 1 for layer in layers}
+        mlp_keep = {layer: min_mlp for layer in layers}
+        used = len(layers) * (attn_cost + min_mlp * mlp_cost)
+        scores, kinds, owners = [], [], []
+        for layer in layers:
+            rk = self.rankings[layer]
+            scores += [rk.attn_scores[1:], rk.mlp_scores[min_mlp:]]
+            kinds += [torch.zeros(n_units - 1, dtype=torch.bool), torch.ones(inter - min_mlp, dtype=torch.bool)]
+            owners += [torch.full((n_units - 1,), layer), torch.full((inter - min_mlp,), layer)]
+        score, is_mlp, owner = torch.cat(scores), torch.cat(kinds), torch.cat(owners)
+        order = torch.sort(score, descending=True, stable=True).indices
+        for idx in order.tolist():
+            cost = mlp_cost if is_mlp[idx] else attn_cost
+            if used + cost > budget:
+                break
+            used += cost
+            if is_mlp[idx]:
+                mlp_keep[int(owner[idx])] += 1
+            else:
+                attn_keep[int(owner[idx])] += 1
+        out = []
+        for layer in layers:
+            q, kv = self._heads_for_units(attn_keep[layer])
+            out.append((q, kv, self._round_mlp(mlp_keep[layer], r)))
+        return out
+
+    def params_for(self, shape: Shape, compensate: bool | None = None) -> int:
+        comp = self.config.compensate if compensate is None else compensate
+        return shape.num_params(self.dims, bias=comp)
+
+    def shape_for_params(self, max_params: int, *, modes: tuple[str, ...] = ("global",)) -> Shape:
+        """The largest grid shape within ``max_params`` (ties: more layers)."""
+        candidates = [(self.params_for(s), s.depth, s) for s in self.grid(modes)]
+        fitting = [c for c in candidates if c[0] <= max_params]
+        if not fitting:
+            smallest = min(candidates, key=lambda c: c[0])
+            raise ShapeError(f"no shape has ≤ {max_params:,} parameters; the smallest, {smallest[2].name}, "
+                             f"has {smallest[0]:,}", fix="raise --params or plan deeper removals")
+        return max(fitting, key=lambda c: (c[0], c[1]))[2]
+
+    # -- elastic model ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def apply(self, elastic, *, compensate: bool | None = None) -> None:
+        """Permute an ElasticLM (built from this plan's model, not yet permuted) by importance."""
+        if getattr(elastic, "plan_applied", False):
+            raise ShapeError("this elastic model already has a plan applied", fix="build a fresh one")
+        if ModelDims.from_config(elastic.config) != self.dims:
+            raise CheckpointError("the plan was computed for a different model",
+                                  fix=f"use the plan's model {self.model_dir} or re-run amoeba plan")
+        for layer, rk in enumerate(self.rankings):
+            elastic.reorder_(layer, heads=rk.head_perm, mlp=rk.mlp_perm)
+        comp = self.config.compensate if compensate is None else compensate
+        if comp:
+            elastic.set_compensation([r.attn_mean for r in self.rankings], [r.mlp_mean for r in self.rankings])
+        else:
+            elastic.set_compensation(None, None)
+        elastic.plan_applied = True
+
+    # -- persistence --------------------------------------------------------------------------------
+    def save(self, out: str | Path, *, force: bool = False, extra_meta: dict[str, Any] | None = None) -> Path:
+        from safetensors.torch import save_file
+
+        tensors = {}
+        for i, rk in enumerate(self.rankings):
+            for key, value in asdict(rk).items():
+                tensors[f"layer.{i}.{key}"] = value.contiguous()
+        body = {
+            "version": PLAN_VERSION,
+            "model_dir": self.model_dir,
+            "dims": asdict(self.dims),
+            "config": asdict(self.config),
+            "depth_tables": {m: {str(k): list(v) for k, v in t.items()} for m, t in self.depth_tables.items()},
+            "stats": self.stats,
+        }
+        with atomic_dir(out, force=force) as tmp:
+            save_file(tensors, str(tmp / "width.safetensors"))
+            write_json(tmp / "plan.json", body)
+            write_meta(tmp, {"kind": "plan", "version": PLAN_VERSION, "model_dir": self.model_dir,
+                             **(extra_meta or {})})
+        return Path(out)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Plan:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        read_meta(path, kind="plan")
+        try:
+            body = json.loads((path / "plan.json").read_text())
+            tensors = load_file(str(path / "width.safetensors"))
+        except (OSError, ValueError, SafetensorError) as exc:
+            raise CheckpointError(f"plan {path} is corrupt ({exc})", fix="re-run amoeba plan") from exc
+        if body.get("version") != PLAN_VERSION:
+            raise CheckpointError(f"plan version {body.get('version')} is not supported", fix="re-run amoeba plan")
+        try:
+            dims = ModelDims(**body["dims"])
+            fields = LayerRanking.__dataclass_fields__
+            rankings = tuple(LayerRanking(**{k: tensors[f"layer.{i}.{k}"] for k in fields})
+                             for i in range(dims.num_layers))
+            tables = {m: {int(k): tuple(v) for k, v in t.items()} for m, t in body["depth_tables"].items()}
+            return cls(model_dir=body["model_dir"], dims=dims, config=PlanConfig.from_dict(body["config"]),
+                       depth_tables=tables, rankings=rankings, stats=body.get("stats", {}), path=str(path))
+        except (KeyError, TypeError) as exc:
+            raise CheckpointError(f"plan {path} is incomplete (missing {exc})", fix="re-run amoeba plan") from exc
+
+
+def load_elastic(plan_dir: str | Path, *, compensate: bool | None = None):
+    """The plan's model, made elastic and permuted by the plan: ``(ElasticLM, Plan)``."""
+    from ..elastic import make_elastic
+    from ..modelio import load_model
+
+    plan = Plan.load(plan_dir)
+    elastic = make_elastic(load_model(plan.model_dir))
+    plan.apply(elastic, compensate=compensate)
+    return elastic, plan
+
+
+def max_removed_layers(num_layers: int, fraction: float) -> int:
+    return int(math.floor(num_layers * fraction + 1e-9))
