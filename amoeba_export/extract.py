@@ -84,6 +84,8 @@ def subnet_config(source_config: Any, shape: Shape, flags: dict[str, bool]) -> d
                intermediate_size=m, head_dim=source_config.head_dim if hasattr(source_config, "head_dim")
                and source_config.head_dim else source_config.hidden_size // source_config.num_attention_heads,
                dtype="float32")
+    if cfg.get("layer_types"):
+        cfg["layer_types"] = [cfg["layer_types"][i] for i in shape.layers]
     model_type = cfg["model_type"]
     stock_ok = (shape.uniform and model_type in STOCK_TYPES and cfg["hidden_size"] % q == 0)
     needs_bias = flags["o_proj_bias"] or flags["down_proj_bias"]

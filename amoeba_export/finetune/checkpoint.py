@@ -10,6 +10,7 @@ one ``rng-rank{r}.pt`` per process.
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -85,7 +86,7 @@ def load_trained_elastic(ckpt_dir: str | Path) -> tuple[ElasticLM, Plan, ShapeGa
     """The plan's elastic model with the trained SMoL adapters attached, its plan and the shared gate
     (None for single-LoRA). Call :func:`merge_for_shape` before reading ``effective_weight()``."""
     from ..plan import load_elastic
-    from .model import SMoLModel
+    from .model import SMoLModel, merge_for_shape
 
     meta = read_elastic_meta(ckpt_dir)
     plan_dir = Path(meta["plan_dir"])
@@ -96,4 +97,6 @@ def load_trained_elastic(ckpt_dir: str | Path) -> tuple[ElasticLM, Plan, ShapeGa
     wrapper = SMoLModel(elastic, smol_config_of(meta))
     wrapper.load_trainable_state(load_smol_weights(ckpt_dir))
     wrapper.eval()
+    # Extraction calls ``elastic.merge_for_shape(shape)`` when present (amoeba_export.extract.prepare_shape).
+    object.__setattr__(elastic, "merge_for_shape", functools.partial(merge_for_shape, elastic))
     return elastic, plan, wrapper.gate
