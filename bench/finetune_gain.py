@@ -8,6 +8,7 @@ paper's 2e-4 over 10K steps), held-out perplexity on ``--eval-tokens`` tokens of
 On a GPU raise --steps. Ends with one line ``RESULT {json}``.
 
     python bench/finetune_gain.py [--steps 40] [--seq-len 256] [--eval-tokens 2048] [--threads N]
+                                  [--plan-tokens 2048] [--max-removed 0.25]
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ def main() -> int:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--eval-tokens", type=int, default=2048)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--plan-tokens", type=int, default=2048, help="calibration tokens for the width statistics")
+    ap.add_argument("--max-removed", type=float, default=0.25, help="most layers the plan removes (fraction)")
     ap.add_argument("--work", default=None, help="work folder (default: <cache>/bench/finetune_gain)")
     args = ap.parse_args()
     if args.threads:
@@ -53,7 +56,8 @@ def main() -> int:
     started = time.perf_counter()
     work = Path(args.work) if args.work else cache_subdir("bench", "finetune_gain")
     model_dir = default_model_dir()
-    plan_config = PlanConfig(seq_len=256, width_tokens=2048, depth_tokens=256, max_removed=0.25)
+    plan_config = PlanConfig(seq_len=256, width_tokens=args.plan_tokens, depth_tokens=256,
+                             max_removed=args.max_removed)
     plan_dir = work / "plan"
     if (plan_dir / "meta.json").is_file() and Plan.load(plan_dir).config == plan_config:
         print(f"reusing plan {plan_dir}", file=sys.stderr)
