@@ -47,26 +47,38 @@ class MCTask:
 
 
 def _tasks_dir() -> Path:
-    """Task JSON files extracted once from the sdist (one pass over the 358 MB archive)."""
-    out = cache_subdir("data", f"bigbench-{BIGBENCH.version}")
-    if (out / "index.json").is_file():
-        return out
+    return cache_subdir("data", f"bigbench-{BIGBENCH.version}")
+
+
+def _scan(wanted: set[str] | None) -> list[str]:
+    """One pass over the sdist: every task name, extracting the ``wanted`` ones (all task files are 1.7 GB)."""
     names = []
     with tarfile.open(fetch_package(BIGBENCH)) as tar:
-        for member in tqdm(tar, desc="extract BIG-bench tasks", unit="file"):
+        for member in tqdm(tar, desc="read BIG-bench sdist", unit="file", leave=False):
             _, _, rel = member.name.partition(TASKS_ROOT)
-            if member.isfile() and rel.endswith("/task.json"):
-                dest = out / rel
+            if not (member.isfile() and rel.endswith("/task.json")):
+                continue
+            name = rel[: -len("/task.json")]
+            names.append(name)
+            if wanted is not None and name in wanted:
+                dest = _tasks_dir() / rel
                 dest.parent.mkdir(parents=True, exist_ok=True)
-                dest.write_bytes(tar.extractfile(member).read())
-                names.append(rel[: -len("/task.json")])
-    (out / "index.json").write_text(json.dumps(sorted(names)))
-    return out
+                tmp = dest.with_suffix(".part")
+                tmp.write_bytes(tar.extractfile(member).read())
+                tmp.replace(dest)
+                wanted.discard(name)
+                if not wanted and (_tasks_dir() / "index.json").is_file():
+                    break
+    return sorted(names)
 
 
 def bigbench_task_names() -> list[str]:
     """Every BIG-bench JSON task (``name`` or ``name/subtask``) in the sdist."""
-    return json.loads((_tasks_dir() / "index.json").read_text())
+    index = _tasks_dir() / "index.json"
+    if not index.is_file():
+        names = _scan(None)
+        index.write_text(json.dumps(names))
+    return json.loads(index.read_text())
 
 
 def parse_task(data: dict[str, Any], name: str) -> MCTask:
@@ -95,6 +107,8 @@ def parse_task(data: dict[str, Any], name: str) -> MCTask:
 
 def load_bigbench_task(name: str) -> MCTask:
     path = _tasks_dir() / name / "task.json"
+    if not path.is_file() and name in bigbench_task_names():
+        _scan({name})
     if not path.is_file():
         close = [n for n in bigbench_task_names() if n.split("/")[0] == name.split("/")[0]]
         raise DataError(f"no BIG-bench JSON task {name!r}" + (f" (subtasks: {', '.join(close)})" if close else ""),
