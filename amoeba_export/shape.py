@@ -88,10 +88,12 @@ class Shape:
             out.append("layers must be strictly ascending")
         if any(i < 0 or i >= dims.num_layers for i in self.layers):
             out.append(f"layer indices must be in [0, {dims.num_layers})")
+        lengths_ok = True
         for name, seq in (("q_heads", self.q_heads), ("kv_heads", self.kv_heads), ("mlp", self.mlp)):
             if len(seq) != n:
                 out.append(f"{name} has {len(seq)} entries for {n} kept layers")
-        if out:
+                lengths_ok = False
+        if not lengths_ok:
             return out
         for layer, q, kv, m in zip(self.layers, self.q_heads, self.kv_heads, self.mlp):
             where = f"layer {layer}"

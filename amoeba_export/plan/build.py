@@ -46,14 +46,16 @@ class SuffixPerplexity:
         return self._loss(h)
 
 
-def build_plan(model: str | Path | None, config: PlanConfig | None = None, *, progress: bool = True) -> Plan:
+def build_plan(model: str | Path | None, config: PlanConfig | None = None, *, progress: bool = True,
+               calibration: torch.Tensor | None = None) -> Plan:
+    """Compute a plan; ``calibration`` (a token stream) replaces the shipped calibration split."""
     config = (config or PlanConfig()).validate()
     model_dir = resolve_model(model)
     started = time.perf_counter()
     tokenizer = load_tokenizer(model_dir)
     elastic = make_elastic(load_model(model_dir))
     n = elastic.dims.num_layers
-    calib = split_tokens("calibration", tokenizer)
+    calib = split_tokens("calibration", tokenizer) if calibration is None else calibration
     width_rows = chunks(calib, config.seq_len, config.width_tokens)
     depth_rows = chunks(calib, config.seq_len, config.depth_tokens)
 

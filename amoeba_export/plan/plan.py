@@ -194,15 +194,33 @@ class Plan:
         comp = self.config.compensate if compensate is None else compensate
         return shape.num_params(self.dims, bias=comp)
 
-    def shape_for_params(self, max_params: int, *, modes: tuple[str, ...] = ("global",)) -> Shape:
-        """The largest grid shape within ``max_params`` (ties: more layers)."""
-        candidates = [(self.params_for(s), s.depth, s) for s in self.grid(modes)]
-        fitting = [c for c in candidates if c[0] <= max_params]
-        if not fitting:
-            smallest = min(candidates, key=lambda c: c[0])
-            raise ShapeError(f"no shape has ≤ {max_params:,} parameters; the smallest, {smallest[2].name}, "
-                             f"has {smallest[0]:,}", fix="raise --params or plan deeper removals")
-        return max(fitting, key=lambda c: (c[0], c[1]))[2]
+    def width_for_params(self, depth: int, max_params: int, mode: str = "global", *,
+                         compensate: bool | None = None) -> Shape | None:
+        """The widest shape of ``depth`` layers within ``max_params`` (bisection on the width ratio)."""
+        lo, hi = 0.05, 1.0
+        if self.params_for(self.shape(depth, lo, mode), compensate) > max_params:
+            return None
+        if self.params_for(self.shape(depth, hi, mode), compensate) <= max_params:
+            return self.shape(depth, hi, mode)
+        for _ in range(14):
+            mid = (lo + hi) / 2
+            if self.params_for(self.shape(depth, mid, mode), compensate) <= max_params:
+                lo = mid
+            else:
+                hi = mid
+        return self.shape(depth, round(lo, 4), mode)
+
+    def shapes_for_params(self, max_params: int, mode: str = "global", *,
+                          compensate: bool | None = None) -> list[Shape]:
+        """One candidate per plan depth: the widest shape of that depth within ``max_params``."""
+        shapes = [self.width_for_params(d, max_params, mode, compensate=compensate) for d in self.depths]
+        shapes = [s for s in shapes if s is not None]
+        if not shapes:
+            smallest = self.shape(min(self.depths), 0.05, mode)
+            raise ShapeError(f"no shape has ≤ {max_params:,} parameters; the smallest, {smallest.name}, has "
+                             f"{self.params_for(smallest, compensate):,}",
+                             fix="raise --params or plan deeper removals (--max-removed)")
+        return shapes
 
     # -- elastic model ------------------------------------------------------------------------------
     @torch.no_grad()

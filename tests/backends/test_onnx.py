@@ -159,6 +159,14 @@ def test_uniform_model_external_data_and_genai_config(tmp_path):
         assert r.tokenize("the cat sat") == tiny_tokenizer(320)("the cat sat", add_special_tokens=False)["input_ids"]
     with pytest.raises(OutputExistsError):
         get_backend("onnx").export(tmp_path / "hf", tmp_path / "out", "fp32")
+    # The tied lm_head (a runtime Transpose of the embedding) is untied so that int4 quantizes it too.
+    q = get_backend("onnx").export(tmp_path / "hf", tmp_path / "int4", "int4", fp32_onnx=artifact.path,
+                                   external_data=True)
+    info = q.meta["graph"]["quantization"]
+    assert info["untied"] == ["/lm_head/MatMul"] and info["fp32_matmuls"] == 0 and info["embedding_quantized"]
+    assert (q.path / "model.onnx.data").is_file()
+    with get_backend("onnx").load(q) as r:
+        assert (r.logits(IDS).argmax(-1) == ref.argmax(-1)).mean() >= 0.75
 
 
 def test_corrupt_model_file_gives_clear_error(per_layer, tmp_path):
@@ -185,3 +193,29 @@ def test_bad_quant_and_options_give_clear_errors(per_layer, tmp_path):
     with pytest.raises(BackendError, match="not an fp32 ONNX artifact"):
         backend.export(root / "hf", tmp_path / "x", "int8", fp32_onnx=root / "int8")
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_real_subnet_passes_fp32_gate_and_per_channel_int8_is_caught(tmp_path):
+    """A small per-layer-width slice of the default model: fp32 passes its gate; per-channel int8 (which
+    onnxruntime writes without complaint) must fail validation instead of being shipped."""
+    from amoeba_export.elastic import make_elastic
+    from amoeba_export.errors import ValidationFailedError
+    from amoeba_export.evaluation.validate import validate_artifact
+    from amoeba_export.extract import write_subnet
+    from amoeba_export.modelio import load_model, resolve_model
+    from amoeba_export.shape import ModelDims, Shape
+
+    hf = resolve_model("default")
+    model = load_model(hf)
+    dims = ModelDims.from_config(model.config)
+    shape = Shape((0, 1, 2, 29), (9, 6, 3, 9), (3, 3, 3, 3), (1536, 768, 512, 1024), name="tiny-slice")
+    sub = write_subnet(make_elastic(model), shape.validate(dims), tmp_path / "sub", source_dir=hf)
+    del model
+    backend = get_backend("onnx")
+    fp32 = backend.export(sub, tmp_path / "fp32", "fp32")
+    report = validate_artifact(fp32.path, sub, max_tokens=512, seq_len=256)
+    assert report.passed and report.metrics["top1_agreement"] >= 0.999
+    bad = backend.export(sub, tmp_path / "int8pc", "int8", fp32_onnx=fp32.path, per_channel=True)
+    with pytest.raises(ValidationFailedError, match="onnx/int8"):
+        validate_artifact(bad.path, sub, max_tokens=512, seq_len=256)

@@ -1,0 +1,38 @@
+"""``amoeba plan``: depth tables (DP + baselines) and width rankings for a model."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..plan import PlanConfig
+
+    d = PlanConfig()
+    p.add_argument("--model", default="default", help="HF folder, .gguf file, or 'default'")
+    p.add_argument("--out", required=True, help="plan folder to write")
+    p.add_argument("--seq-len", type=int, default=d.seq_len)
+    p.add_argument("--width-tokens", type=int, default=d.width_tokens, help="calibration tokens for importance")
+    p.add_argument("--depth-tokens", type=int, default=d.depth_tokens, help="calibration tokens per DP evaluation")
+    p.add_argument("--max-removed", type=float, default=d.max_removed, help="most layers removed (fraction)")
+    p.add_argument("--round-to", type=int, default=d.round_to, help="MLP widths are multiples of this")
+    p.add_argument("--no-compensate", action="store_true", help="extract without bias compensation by default")
+    p.add_argument("--force", action="store_true", help="replace an existing plan folder")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ..errors import OutputExistsError
+    from ..plan import PlanConfig, build_plan
+
+    if Path(args.out).exists() and not args.force:
+        raise OutputExistsError(f"output folder {args.out} already exists", fix="pass --force to replace it")
+    config = PlanConfig(seq_len=args.seq_len, width_tokens=args.width_tokens, depth_tokens=args.depth_tokens,
+                        max_removed=args.max_removed, round_to=args.round_to, compensate=not args.no_compensate)
+    plan = build_plan(args.model, config)
+    plan.save(args.out, force=args.force)
+    s = plan.stats
+    print(f"plan written to {args.out}: {s['dp_evaluations']} DP evaluations in {s['dp_seconds']:.1f} s, "
+          f"{s['total_seconds']:.1f} s in all; depths {min(plan.depths)}..{max(plan.depths)}")
+    return 0

@@ -1,0 +1,92 @@
+import json
+
+import pytest
+import torch
+
+from amoeba_export.errors import CheckpointError, ShapeError
+from amoeba_export.plan import Plan, load_elastic
+
+
+def test_plan_round_trip(tiny_plan_dir):
+    plan = Plan.load(tiny_plan_dir)
+    plan.save(tiny_plan_dir.parent / "copy")
+    again = Plan.load(tiny_plan_dir.parent / "copy")
+    assert again.depth_tables == plan.depth_tables and again.config == plan.config
+    for a, b in zip(plan.rankings, again.rankings):
+        assert torch.equal(a.head_perm, b.head_perm) and torch.equal(a.mlp_scores, b.mlp_scores)
+    assert plan.stats["dp_evaluations"] == sum(min(n, 3) for n in range(1, 6))
+
+
+def test_depth_tables_cover_every_depth(tiny_plan_dir):
+    plan = Plan.load(tiny_plan_dir)
+    for method, table in plan.depth_tables.items():
+        assert sorted(table) == [3, 4, 5, 6], method
+        for depth, layers in table.items():
+            assert len(layers) == depth
+    assert all(5 in layers for layers in plan.depth_table.values())  # the last layer is kept
+
+
+@pytest.mark.parametrize("mode", ["global", "uniform"])
+def test_widths_are_nested_and_shrink(tiny_plan_dir, mode):
+    plan = Plan.load(tiny_plan_dir)
+    prev = None
+    for width in (1.0, 0.875, 0.75, 0.625, 0.5):
+        s = plan.shape(6, width, mode)
+        params = s.num_params(plan.dims)
+        if prev is not None:
+            assert params <= prev
+        prev = params
+        assert all(m % 8 == 0 for m in s.mlp)
+    if mode == "uniform":
+        assert plan.shape(6, 0.5, mode).uniform
+
+
+def test_global_width_hits_budget(tiny_plan_dir):
+    plan = Plan.load(tiny_plan_dir)
+    full = plan.shape(6, 1.0)
+    half = plan.shape(6, 0.5)
+    emb = plan.dims.vocab_size * plan.dims.hidden_size * 2
+    ratio = (half.num_params(plan.dims) - emb) / (full.num_params(plan.dims) - emb)
+    assert 0.4 < ratio < 0.6
+
+
+def test_importance_order_keeps_full_logits(tiny_dir, tiny_plan_dir):
+    from amoeba_export.modelio import load_model
+
+    elastic, plan = load_elastic(tiny_plan_dir, compensate=False)
+    ids = torch.randint(0, 320, (1, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(elastic(ids), load_model(tiny_dir)(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_bad_depth_and_width(tiny_plan_dir):
+    plan = Plan.load(tiny_plan_dir)
+    with pytest.raises(ShapeError, match="depth 2 is not in the plan"):
+        plan.shape(2, 1.0)
+    with pytest.raises(ShapeError) as err:
+        plan.shape(2, 1.5, "diagonal")
+    assert "width ratio" in str(err.value) and "unknown width mode" in str(err.value)
+
+
+def test_shapes_for_params(tiny_plan_dir):
+    plan = Plan.load(tiny_plan_dir)
+    budget = int(plan.full_shape().num_params(plan.dims) * 0.8)
+    shapes = plan.shapes_for_params(budget)
+    assert shapes and all(plan.params_for(s) <= budget for s in shapes)
+    with pytest.raises(ShapeError, match="no shape has"):
+        plan.shapes_for_params(1000)
+
+
+def test_corrupt_plan(tiny_plan_dir, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_plan_dir, bad)
+    (bad / "width.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        Plan.load(bad)
+    body = json.loads((bad / "plan.json").read_text())
+    (bad / "meta.json").unlink()
+    with pytest.raises(CheckpointError, match="no meta.json"):
+        Plan.load(bad)
+    assert body["version"] == 1
