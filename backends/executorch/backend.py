@@ -1,0 +1,232 @@
+"""ExecuTorch backend: HF folder → StaticCacheLM (+ torchao recipe) → torch.export → XNNPACK → ``model.pte``.
+
+The program has ExecuTorch's LLM-runner interface: ``forward(tokens [1, T], input_pos [1]) -> logits``
+with T dynamic (prefill) and a KV cache held in mutable buffers, plus constant metadata methods
+(``get_bos_id``, ``get_eos_ids``, ``get_max_seq_len``, ``get_max_context_len``, ``get_vocab_size``,
+``get_n_layers``, ``use_kv_cache``, ``enable_dynamic_shape``) and ``tokenizer.json`` beside it, so the
+same file runs in ExecuTorch's llama runner. Mutable buffers are serialized as shape only; the cache's
+unwritten slots are masked out of attention, and ExecuTorch's runtimes zero their planned memory.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from amoeba_export.artifacts import atomic_dir, write_meta
+from amoeba_export.errors import BackendError, CheckpointError
+
+from ..base import Artifact, Backend, Runner
+from ..meta import copy_tokenizer, export_meta, tool_versions
+from .recipes import RECIPES, apply_recipe, get_recipe
+
+MODEL_FILE = "model.pte"
+DEFAULT_MAX_CONTEXT = 512  # the validator's default row length; the cache costs layers*2*kv*ctx*head_dim floats
+
+
+def _special_ids(hf_dir: Path, config: Any) -> tuple[int, list[int]]:
+    from transformers import GenerationConfig
+
+    bos, eos = config.bos_token_id, config.eos_token_id
+    try:
+        gen = GenerationConfig.from_pretrained(str(hf_dir))
+        bos = gen.bos_token_id if gen.bos_token_id is not None else bos
+        eos = gen.eos_token_id if gen.eos_token_id is not None else eos
+    except OSError:
+        pass  # no generation_config.json: the model config's ids stand
+    eos_ids = [int(e) for e in (eos if isinstance(eos, list | tuple) else [eos]) if e is not None]
+    if bos is None or not eos_ids:
+        raise CheckpointError(f"{hf_dir} names no BOS/EOS token ids",
+                              fix="set bos_token_id and eos_token_id in config.json")
+    return int(bos), eos_ids
+
+
+def _lower(ep, metadata: dict[str, Any]):
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()], constant_methods=metadata)
+    return edge.to_executorch()
+
+
+class ExecuTorchRunner(Runner):
+    """A ``.pte`` in ``executorch.runtime`` (XNNPACK): full-sequence logits and KV-cached generation."""
+
+    def __init__(self, artifact: Artifact, *, threads: int | None = None) -> None:
+        from executorch.extension.pybindings import portable_lib
+        from executorch.runtime import Runtime
+
+        if threads:
+            portable_lib._unsafe_reset_threadpool(int(threads))
+        self.threads = threads or portable_lib._threadpool_get_thread_count()
+        self.artifact = artifact
+        path = artifact.model_file
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing", fix="re-export the artifact")
+        try:
+            self.program = Runtime.get().load_program(path)
+            self.method = self.program.load_method("forward")
+            self.max_context = int(self.program.load_method("get_max_context_len").execute([])[0])
+            self._vocab = int(self.program.load_method("get_vocab_size").execute([])[0])
+        except (RuntimeError, ValueError, TypeError) as exc:
+            raise BackendError(f"cannot load {path}: it is corrupt or not an LLM program written by this backend "
+                               f"({type(exc).__name__}: {exc})", fix="re-export the artifact") from exc
+        self._tokenizer = None
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab
+
+    def _step(self, ids: Sequence[int], start: int) -> np.ndarray:
+        import torch
+
+        tokens = torch.tensor([list(ids)], dtype=torch.long)
+        out = self.method.execute([tokens, torch.tensor([start], dtype=torch.long)])[0]
+        return out.reshape(-1, self._vocab).float().numpy()
+
+    def _check_fits(self, n: int) -> None:
+        if n > self.max_context:
+            raise BackendError(f"{n} tokens do not fit the program's KV cache of {self.max_context}",
+                               fix=f"re-export with max_context >= {n}")
+
+    def logits(self, input_ids: Sequence[int]) -> np.ndarray:
+        ids = list(input_ids)
+        if not ids:
+            raise BackendError("logits of an empty sequence", fix="pass at least one token id")
+        self._check_fits(len(ids))
+        return self._step(ids, 0)  # positions >= len(ids) are masked, so the cache needs no reset
+
+    def generate(self, input_ids: Sequence[int], max_new_tokens: int, *, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int = 0, stop_ids: Sequence[int] = ()) -> list[int]:
+        import torch
+
+        from ..pytorch import _pick
+
+        ids = list(input_ids)
+        if not ids:
+            raise BackendError("generation needs a prompt of at least one token", fix="pass a BOS token at least")
+        self._check_fits(len(ids) + max_new_tokens - 1)
+        gen = torch.Generator().manual_seed(seed)
+        stop = set(stop_ids)
+        out: list[int] = []
+        logits = self._step(ids, 0)[-1]
+        pos = len(ids)
+        for _ in range(max_new_tokens):
+            token = _pick(torch.from_numpy(logits), temperature, top_p, gen)
+            out.append(token)
+            if token in stop or len(out) == max_new_tokens:
+                break
+            logits = self._step([token], pos)[-1]
+            pos += 1
+        return out
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids from the artifact's own tokenizer.json (what ExecuTorch's runner will use)."""
+        if self._tokenizer is None:
+            from tokenizers import Tokenizer
+
+            self._tokenizer = Tokenizer.from_file(str(self.artifact.path / "tokenizer.json"))
+        return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+    def close(self) -> None:
+        self.method = self.program = None
+
+
+class ExecuTorchBackend(Backend):
+    name = "executorch"
+    extra = "executorch"
+    runtime_modules = ("executorch", "torchao")
+    quant_types = tuple(RECIPES)
+    default_quant = "8da4w"
+
+    def export(self, hf_dir: Path, out_dir: Path, quant: str = "8da4w", *, force: bool = False,
+               max_context: int = DEFAULT_MAX_CONTEXT, group_fallback: bool = True, **options: Any) -> Artifact:
+        """Options: ``max_context`` (KV-cache length), ``group_fallback`` (False: an indivisible width is an error)."""
+        if options:
+            raise BackendError(f"unknown ExecuTorch export option(s): {', '.join(options)}",
+                               fix="use max_context or group_fallback")
+        recipe = get_recipe(self.check_quant(quant))
+        if not isinstance(max_context, int) or max_context < 2:
+            raise BackendError(f"max_context must be an integer >= 2, got {max_context!r}", fix="pass e.g. 512")
+        hf_dir = Path(hf_dir)
+        if not (hf_dir / "tokenizer.json").is_file():
+            raise CheckpointError(f"{hf_dir} has no tokenizer.json (ExecuTorch's runner reads only that format)",
+                                  fix="save a fast tokenizer into the folder")
+        started = time.perf_counter()
+        with atomic_dir(out_dir, force=force) as tmp:
+            stages = tqdm(total=5, desc=f"executorch {recipe.name}", unit="stage")
+            module, metadata, notes = self._prepare(hf_dir, recipe, max_context, group_fallback, stages)
+            ep = self._export(module, max_context, stages)
+            stages.set_postfix_str("lowering to XNNPACK (slow)")
+            lower_start = time.perf_counter()
+            program = _lower(ep, metadata)
+            lower_seconds = time.perf_counter() - lower_start
+            stages.update()
+            del ep, module
+            (tmp / MODEL_FILE).write_bytes(program.buffer)
+            del program
+            copy_tokenizer(hf_dir, tmp)
+            stages.update()
+            stages.close()
+            meta = export_meta(
+                backend=self.name, quant=recipe.name, hf_dir=hf_dir, folder=tmp, model_file=MODEL_FILE,
+                started=started, tools=tool_versions("torch", "transformers", "executorch", "torchao"),
+                notes=notes, recipe=asdict(recipe),
+                max_context=max_context, program_metadata=metadata, lowering_seconds=round(lower_seconds, 1))
+            write_meta(tmp, meta)
+        return Artifact.open(out_dir)
+
+    @staticmethod
+    def _prepare(hf_dir: Path, recipe, max_context: int, group_fallback: bool, stages):
+        import torch
+
+        from amoeba_export.modelio import load_model
+
+        from .module import StaticCacheLM
+
+        stages.set_postfix_str("loading")
+        model = load_model(hf_dir)
+        bos, eos = _special_ids(hf_dir, model.config)
+        with torch.no_grad():
+            module = StaticCacheLM(model, max_context).eval()
+            stages.update()
+            stages.set_postfix_str(f"quantizing ({recipe.name})")
+            notes = apply_recipe(module, recipe, group_fallback=group_fallback)
+        stages.update()
+        tied = bool(getattr(model.config, "tie_word_embeddings", False))
+        if tied and recipe.head is None and recipe.embedding is None:
+            notes.append("tied embedding: XNNPACK packs the lm_head weight into its delegate blob and the "
+                         "embedding gather reads the program's constant, so the table is stored twice")
+        metadata = {
+            "get_bos_id": bos, "get_eos_ids": eos, "get_max_seq_len": max_context,
+            "get_max_context_len": max_context, "get_vocab_size": int(model.config.vocab_size),
+            "get_n_layers": int(model.config.num_hidden_layers), "use_kv_cache": True,
+            "use_sdpa_with_kv_cache": False, "enable_dynamic_shape": True,
+        }
+        return module, metadata, notes
+
+    @staticmethod
+    def _export(module, max_context: int, stages):
+        import torch
+
+        stages.set_postfix_str("torch.export")
+        example = (torch.zeros(1, min(4, max_context), dtype=torch.long), torch.tensor([0], dtype=torch.long))
+        seq = torch.export.Dim("seq", min=1, max=max_context)
+        # strict=True: non-strict tracing of the cache's index arithmetic yields a guard the solver rejects.
+        with torch.no_grad():
+            try:
+                ep = torch.export.export(module, example, dynamic_shapes=({1: seq}, None), strict=True)
+            except Exception as exc:  # torch.export raises many types; the model is the user's input
+                raise BackendError(f"torch.export failed: {type(exc).__name__}: {str(exc)[:500]}",
+                                   fix="report the model's config; Llama-family decoders are supported") from exc
+        stages.update()
+        return ep
+
+    def load(self, artifact: Artifact, *, threads: int | None = None) -> Runner:
+        return ExecuTorchRunner(artifact, threads=threads)
