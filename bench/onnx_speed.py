@@ -5,10 +5,10 @@ validates every artifact against its PyTorch reference with the gates of gates.j
 one beside PyTorch eager in fresh processes. Prints a table, then exactly one ``RESULT {json}`` line;
 exits non-zero when a gate fails (a failing quantization is an error, never a warning).
 
-    python bench/onnx_speed.py                         # default model, int8 + int4
-    python bench/onnx_speed.py --quants int8,int8-nbits,int4,int4-b128,int4-hqq
+    python bench/onnx_speed.py                         # default model: int8, int8-dynamic, int4
+    python bench/onnx_speed.py --quants int8,int8-dynamic,int4,int4-b128,int4-hqq
     python bench/onnx_speed.py --subnet path/to/extracted  # a subnet from `amoeba extract` instead of a slice
-    python bench/onnx_speed.py --quant-option int8:per_channel=true  # must fail validation
+    python bench/onnx_speed.py --quants int8-dynamic --quant-option int8-dynamic:per_channel=true  # must fail
 """
 
 from __future__ import annotations
@@ -67,12 +67,20 @@ def sliced_subnet(hf_dir: Path, out: Path, fraction: float = SUBNET_FRACTION) ->
 
 
 def export_once(backend, hf_dir: Path, out: Path, quant: str, reuse: bool, **options) -> Artifact:
+    """Export, or with ``reuse`` take the artifact a previous run wrote from the same folder and recipe."""
     if reuse and (out / "meta.json").is_file():
         art = Artifact.open(out)
-        if art.meta.get("recipe") and art.meta["source"]["hf_dir"] == str(hf_dir.resolve()) and not options.get(
-                "_changed"):
+        same_source = art.meta["source"]["hf_dir"] == str(hf_dir.resolve())
+        recipe = art.meta.get("recipe")
+        if backend.name == "onnx":
+            from amoeba_export.backends.onnx.quantize import recipe_for
+
+            wanted = recipe_for(quant, {k: v for k, v in options.items() if k not in ("fp32_onnx", "external_data")})
+            same_recipe = recipe == wanted.to_dict()
+        else:
+            same_recipe = True
+        if same_source and same_recipe:
             return art
-    options.pop("_changed", None)
     return backend.export(hf_dir, out, quant, force=True, **options)
 
 
@@ -89,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="default")
     ap.add_argument("--subnet", default=None, help="an extracted ≈50%% subnet folder (default: slice one)")
-    ap.add_argument("--quants", default="int8,int4")
+    ap.add_argument("--quants", default="int8,int8-dynamic,int4")
     ap.add_argument("--quant-option", action="append", default=[], metavar="QUANT:KEY=VALUE")
     ap.add_argument("--work", default=None, help="folder for the artifacts (default: the cache)")
     ap.add_argument("--reuse", action="store_true", help="reuse artifacts a previous run wrote")
@@ -113,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     arts["onnx_fp32"] = export_once(onnx, hf_dir, work / "onnx_fp32", "fp32", args.reuse)
     for q in quants:
         opts = dict(options.get(q, {}))
-        arts[f"onnx_{q}"] = export_once(onnx, hf_dir, work / f"onnx_{q}", q, args.reuse and not opts,
+        arts[f"onnx_{q}"] = export_once(onnx, hf_dir, work / f"onnx_{q}", q, args.reuse,
                                         fp32_onnx=arts["onnx_fp32"].path, **opts)
     arts["subnet_onnx_fp32"] = export_once(onnx, subnet_dir, work / "subnet_onnx_fp32", "fp32", args.reuse)
 

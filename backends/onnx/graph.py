@@ -122,6 +122,12 @@ def _module_path(node) -> str | None:
     return None
 
 
+def _is_weight_op(node) -> bool:
+    """Whether the node computes an nn.Linear or nn.Embedding (a tied lm_head reads its weight via Transpose)."""
+    fx = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.fx_node"), "")
+    return "aten.linear" in fx or "aten.embedding" in fx
+
+
 def tidy(path: Path, *, external_data: bool) -> dict[str, str]:
     """Name weight nodes after their HF module, drop source stack traces, give the dims stable names.
 
@@ -131,10 +137,9 @@ def tidy(path: Path, *, external_data: bool) -> dict[str, str]:
     import onnx
 
     model = onnx.load(str(path))
-    inits = {i.name for i in model.graph.initializer}
     roles: dict[str, str] = {}
     for node in model.graph.node:
-        if node.op_type in ("MatMul", "Gemm", "Gather") and any(x in inits for x in node.input):
+        if node.op_type in ("MatMul", "Gemm", "Gather") and _is_weight_op(node):
             module = _module_path(node)
             if module:
                 node.name = f"/{module.replace('.', '/')}/{node.op_type}"

@@ -30,7 +30,9 @@ class QuantRecipe:
     accuracy_level: int = 4
     algorithm: str = "default"
     per_channel: bool = False  # dynamic only; known to wreck SmolLM2 (validation must catch it)
+    reduce_range: bool = False  # dynamic only: 7-bit weights, so AVX2's u8*s8 pair sums cannot saturate int16
     quantize_embedding: bool = False  # nbits only: Gather -> GatherBlockQuantized (4-bit)
+    keep_8bit: tuple[str, ...] = ()  # nbits 4-bit only: modules quantized to 8 bits instead (mixed precision)
     exclude: tuple[str, ...] = ()
     version: int = RECIPE_VERSION
     notes: str = field(default="", compare=False)
@@ -54,10 +56,14 @@ class QuantRecipe:
                 out.append("a quantized embedding (GatherBlockQuantized) is 4-bit only")
         if self.method == "dynamic" and self.bits != 8:
             out.append("dynamic quantization is 8-bit only")
-        if self.per_channel and self.method != "dynamic":
-            out.append("per_channel applies to dynamic int8 only")
-        if isinstance(self.exclude, str):
-            out.append("exclude must be a list of module names")
+        for flag in ("per_channel", "reduce_range"):
+            if getattr(self, flag) and self.method != "dynamic":
+                out.append(f"{flag} applies to dynamic int8 only")
+        for name in ("exclude", "keep_8bit"):
+            if isinstance(getattr(self, name), str):
+                out.append(f"{name} must be a list of module names")
+        if self.keep_8bit and (self.method != "nbits" or self.bits != 4):
+            out.append("keep_8bit applies to 4-bit nbits recipes only")
         return out
 
     def validated(self, quant: str) -> QuantRecipe:
@@ -70,6 +76,7 @@ class QuantRecipe:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["exclude"] = list(self.exclude)
+        d["keep_8bit"] = list(self.keep_8bit)
         return d
 
 
@@ -77,17 +84,20 @@ class QuantRecipe:
 # bench/onnx_speed.py and the report); defaults of the quantizers do not (ppl x1.78 for int8).
 RECIPES: dict[str, QuantRecipe] = {
     "fp32": QuantRecipe(),
-    "int8": QuantRecipe(method="dynamic", bits=8, exclude=("lm_head", "down_proj"),
-                        notes="dynamic int8; lm_head and down_proj stay fp32: their inputs have outliers that a "
-                              "per-tensor activation scale cannot hold"),
-    "int8-nbits": QuantRecipe(method="nbits", bits=8, block_size=32, symmetric=False, accuracy_level=4,
-                              notes="MatMulNBits 8-bit weights, block 32"),
+    "int8": QuantRecipe(method="nbits", bits=8, block_size=32, symmetric=False, accuracy_level=4,
+                        notes="MatMulNBits 8-bit weights, block 32, int8 compute with per-block activation scales"),
+    "int8-dynamic": QuantRecipe(method="dynamic", bits=8, exclude=("lm_head", "down_proj"),
+                                notes="quantize_dynamic; lm_head and down_proj stay fp32: their inputs have outliers "
+                                      "that one per-tensor activation scale cannot hold"),
     "int4": QuantRecipe(method="nbits", bits=4, block_size=32, symmetric=False, accuracy_level=4,
-                        quantize_embedding=True,
-                        notes="MatMulNBits 4-bit asymmetric, block 32; embedding GatherBlockQuantized 4-bit"),
+                        quantize_embedding=True, keep_8bit=("lm_head", "down_proj"),
+                        notes="MatMulNBits 4-bit asymmetric, block 32; lm_head and down_proj 8-bit; embedding "
+                              "GatherBlockQuantized 4-bit"),
     "int4-b128": QuantRecipe(method="nbits", bits=4, block_size=128, symmetric=False, accuracy_level=4,
-                             quantize_embedding=True, notes="as int4 with block 128 (smaller, less accurate)"),
+                             quantize_embedding=True, keep_8bit=("lm_head", "down_proj"),
+                             notes="as int4 with block 128 (smaller, less accurate)"),
     "int4-hqq": QuantRecipe(method="nbits", bits=4, block_size=32, algorithm="hqq", accuracy_level=4,
+                            keep_8bit=("lm_head", "down_proj"),
                             notes="HQQ 4-bit, block 32 (embedding fp32: HQQ cannot quantize Gather)"),
 }
 
@@ -101,8 +111,9 @@ def recipe_for(quant: str, options: dict[str, Any]) -> QuantRecipe:
         raise BackendError(f"unknown ONNX quantization option(s) {', '.join(unknown)}",
                            fix=f"use only {', '.join(sorted(_OPTION_FIELDS))}")
     overrides = dict(options)
-    if "exclude" in overrides and not isinstance(overrides["exclude"], str):
-        overrides["exclude"] = tuple(overrides["exclude"])
+    for name in ("exclude", "keep_8bit"):
+        if name in overrides and not isinstance(overrides[name], str):
+            overrides[name] = tuple(overrides[name])
     return replace(RECIPES[quant], **overrides).validated(quant)
 
 
@@ -116,30 +127,82 @@ def weight_nodes(roles: dict[str, str], op: str) -> list[str]:
     return sorted(node for node in roles if node.endswith("/" + op))
 
 
+def untie_transposed_weights(model, skip: set[str] = frozenset()) -> list[str]:
+    """Give each ``MatMul(x, Transpose(W))`` its own pre-transposed initializer; returns the MatMuls changed.
+
+    A tied lm_head exports as a runtime Transpose of the embedding, which no quantizer touches (it only
+    quantizes constant MatMul inputs), so the largest matrix of a small model would stay fp32. Nodes in
+    ``skip`` stay fp32 anyway and keep sharing the embedding.
+    """
+    import numpy as np
+    from onnx import numpy_helper
+
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    producers = {out: node for node in graph.node for out in node.output}
+    consumers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers[name] = consumers.get(name, 0) + 1
+    changed, dead = [], []
+    for node in graph.node:
+        if node.op_type != "MatMul" or node.name in skip or node.input[1] not in producers:
+            continue
+        tr = producers[node.input[1]]
+        perm = [a.ints for a in tr.attribute if a.name == "perm"]
+        if tr.op_type != "Transpose" or tr.input[0] not in inits or (perm and list(perm[0]) != [1, 0]):
+            continue
+        name = tr.input[0] + ".T"
+        if name not in inits:
+            data = np.ascontiguousarray(numpy_helper.to_array(inits[tr.input[0]]).T)
+            inits[name] = numpy_helper.from_array(data, name)
+            graph.initializer.append(inits[name])
+        node.input[1] = name
+        changed.append(node.name)
+        consumers[tr.output[0]] -= 1
+        if consumers[tr.output[0]] == 0:
+            dead.append(tr)
+    for tr in dead:
+        graph.node.remove(tr)
+    return changed
+
+
 def quantize(src: Path, dst: Path, recipe: QuantRecipe, roles: dict[str, str], *, external_data: bool) -> dict:
     """Write the quantized ``src`` to ``dst``; returns notes (what was quantized, what was left fp32)."""
-    exclude = excluded_nodes(roles, recipe.exclude)
-    matmuls = weight_nodes(roles, "MatMul")
-    if recipe.method == "dynamic":
-        _dynamic(src, dst, recipe, exclude, external_data)
-    elif recipe.method == "nbits":
-        _nbits(src, dst, recipe, exclude, external_data)
-    else:
+    import onnx
+
+    if recipe.method not in ("dynamic", "nbits"):
         raise BackendError(f"recipe method {recipe.method!r} does not quantize", fix="pick a quant type")
+    model = onnx.load(str(src))
+    exclude = excluded_nodes(roles, recipe.exclude)
+    untied = untie_transposed_weights(model, skip=set(exclude))
+    matmuls = weight_nodes(roles, "MatMul")
+    eight = [n for n in excluded_nodes(roles, recipe.keep_8bit) if n not in exclude]
+    if recipe.method == "dynamic":
+        _dynamic(model, dst, recipe, exclude, external_data)
+    else:
+        if eight:
+            # nodes_to_include only adds to the op types, so the 8-bit pass excludes every other MatMul.
+            others = [n for n in matmuls if n not in eight]
+            model = _nbits(model, None, replace(recipe, bits=8, quantize_embedding=False, algorithm="default"), others,
+                           False)
+        _nbits(model, dst, recipe, exclude + eight, external_data)
     quantized = [n for n in matmuls if n not in exclude]
     return {"excluded_nodes": exclude, "quantized_matmuls": len(quantized), "fp32_matmuls": len(matmuls) -
-            len(quantized), "embedding_quantized": recipe.method == "nbits" and recipe.quantize_embedding}
+            len(quantized), "untied": untied, "8bit_nodes": eight,
+            "embedding_quantized": recipe.method == "nbits" and recipe.quantize_embedding}
 
 
-def _dynamic(src: Path, dst: Path, recipe: QuantRecipe, exclude: list[str], external_data: bool) -> None:
+def _dynamic(model, dst: Path, recipe: QuantRecipe, exclude: list[str], external_data: bool) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
-                     per_channel=recipe.per_channel, nodes_to_exclude=exclude,
+    quantize_dynamic(model, str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
+                     per_channel=recipe.per_channel, reduce_range=recipe.reduce_range, nodes_to_exclude=exclude,
                      use_external_data_format=external_data, extra_options={"MatMulConstBOnly": True})
 
 
-def _nbits(src: Path, dst: Path, recipe: QuantRecipe, exclude: list[str], external_data: bool) -> None:
+def _nbits(model, dst: Path | None, recipe: QuantRecipe, exclude: list[str], external_data: bool):
+    """Quantize with MatMulNBits; write to ``dst``, or return the model when ``dst`` is None."""
     import logging
 
     import onnx
@@ -154,7 +217,7 @@ def _nbits(src: Path, dst: Path, recipe: QuantRecipe, exclude: list[str], extern
                                                   accuracy_level=recipe.accuracy_level, bits=recipe.bits,
                                                   op_types_to_quantize=op_types)
     logging.getLogger("onnxruntime.quantization").setLevel(logging.ERROR)
-    quantizer = mnq.MatMulNBitsQuantizer(onnx.load(str(src)), nodes_to_exclude=exclude, algo_config=config,
+    quantizer = mnq.MatMulNBitsQuantizer(model, nodes_to_exclude=exclude, algo_config=config,
                                          accuracy_level=recipe.accuracy_level)
     quantizer.process()
     if recipe.algorithm == "hqq":
@@ -162,4 +225,7 @@ def _nbits(src: Path, dst: Path, recipe: QuantRecipe, exclude: list[str], extern
         for node in quantizer.model.graph().node:
             if node.op_type == "MatMulNBits" and not any(a.name == "accuracy_level" for a in node.attribute):
                 node.attribute.append(onnx.helper.make_attribute("accuracy_level", recipe.accuracy_level))
+    if dst is None:
+        return quantizer.model.model
     quantizer.model.save_model_to_file(str(dst), use_external_data_format=external_data)
+    return None

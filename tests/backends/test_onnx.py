@@ -115,13 +115,14 @@ def test_generate_greedy_matches_pytorch_and_sampling_is_seeded(per_layer, runne
     assert runner.generate(ids, 8, stop_ids=[expected[0]]) == expected[:1]
 
 
-# Quantized vs the fp32 export on random weights (|logits| ~ 3): int4 with block 32 keeps the ranking of
-# nearly every position; a broken quantizer (wrong axis, wrong scales) gives agreement near 1/vocab.
-# Dynamic int8 scales activations per tensor, so a 20-token prefill and a 1-token step round differently:
-# its cache path only matches to the quantization error; the weight-only types quantize per row.
-@pytest.mark.parametrize("quant, min_top1, max_err, cache_tol", [("int8", 0.85, 1.2, 1.2),
-                                                                 ("int8-nbits", 0.0, 9.0, 1e-3),
-                                                                 ("int4", 0.0, 9.0, 1e-3)])
+# Quantized vs the fp32 export on random weights (hidden 64, |logits| ~ 3, so int4 moves logits a lot): the
+# bounds sit below what each type measured on this model and far above what a broken quantizer (wrong
+# axis or scales) gives, which is agreement near 1/vocab. Dynamic int8 scales activations per tensor, so a
+# 20-token prefill and a 1-token step round differently: its cache path only matches to the quantization
+# error; the weight-only types quantize activations per row and block, so theirs matches closely.
+@pytest.mark.parametrize("quant, min_top1, max_err, cache_tol", [("int8", 0.9, 0.6, 1e-3),
+                                                                 ("int8-dynamic", 0.85, 1.2, 1.2),
+                                                                 ("int4", 0.5, 4.5, 1e-3)])
 def test_quantized_close_to_fp32(per_layer, runner, quant, min_top1, max_err, cache_tol):
     root, fp32, _, _ = per_layer
     backend = get_backend("onnx")
@@ -134,7 +135,6 @@ def test_quantized_close_to_fp32(per_layer, runner, quant, min_top1, max_err, ca
         got = np.concatenate([q.logits(r) for r in rows])
         want = np.concatenate([runner.logits(r) for r in rows])
         top1 = float((got.argmax(-1) == want.argmax(-1)).mean())
-        print(quant, top1, np.abs(got - want).max())
         assert top1 >= min_top1, top1
         assert np.abs(got - want).max() <= max_err
         logits, past = q.step(np.array([rows[0][:20]]), q.empty_cache(1))
@@ -166,7 +166,7 @@ def test_uniform_model_external_data_and_genai_config(tmp_path):
     assert info["untied"] == ["/lm_head/MatMul"] and info["fp32_matmuls"] == 0 and info["embedding_quantized"]
     assert (q.path / "model.onnx.data").is_file()
     with get_backend("onnx").load(q) as r:
-        assert (r.logits(IDS).argmax(-1) == ref.argmax(-1)).mean() >= 0.75
+        assert (r.logits(IDS).argmax(-1) == ref.argmax(-1)).mean() >= 0.5
 
 
 def test_corrupt_model_file_gives_clear_error(per_layer, tmp_path):
@@ -188,7 +188,7 @@ def test_bad_quant_and_options_give_clear_errors(per_layer, tmp_path):
         backend.export(root / "hf", tmp_path / "x", "int3")
     with pytest.raises(BackendError, match="unknown ONNX quantization option"):
         backend.export(root / "hf", tmp_path / "x", "int4", blocksize=64)
-    with pytest.raises(ConfigError, match="2 problem"):
+    with pytest.raises(ConfigError, match="bits 3 not in .*block_size 48 is not a power of two"):
         backend.export(root / "hf", tmp_path / "x", "int4", bits=3, block_size=48)
     with pytest.raises(BackendError, match="not an fp32 ONNX artifact"):
         backend.export(root / "hf", tmp_path / "x", "int8", fp32_onnx=root / "int8")
@@ -216,6 +216,6 @@ def test_real_subnet_passes_fp32_gate_and_per_channel_int8_is_caught(tmp_path):
     fp32 = backend.export(sub, tmp_path / "fp32", "fp32")
     report = validate_artifact(fp32.path, sub, max_tokens=512, seq_len=256)
     assert report.passed and report.metrics["top1_agreement"] >= 0.999
-    bad = backend.export(sub, tmp_path / "int8pc", "int8", fp32_onnx=fp32.path, per_channel=True)
-    with pytest.raises(ValidationFailedError, match="onnx/int8"):
+    bad = backend.export(sub, tmp_path / "int8pc", "int8-dynamic", fp32_onnx=fp32.path, per_channel=True)
+    with pytest.raises(ValidationFailedError, match="onnx/int8-dynamic"):
         validate_artifact(bad.path, sub, max_tokens=512, seq_len=256)
