@@ -16,7 +16,7 @@ import torch
 
 from .artifacts import atomic_dir, read_meta, write_json, write_meta
 from .elastic import ElasticLM
-from .errors import ShapeError
+from .errors import OutputExistsError, ShapeError
 from .shape import Shape
 
 # Files of the source folder that are the model itself (everything else — tokenizer, chat template,
@@ -161,8 +161,20 @@ def load_source(source: str | Path, *, compensate: bool | None = None):
         return elastic, plan, meta
     from .plan import load_elastic
 
-    elastic, plan = load_elastic(read_meta(source, kind="plan") and source, compensate=compensate)
+    read_meta(source, kind="plan")
+    elastic, plan = load_elastic(source, compensate=compensate)
     return elastic, plan, meta
+
+
+def source_plan(source: str | Path):
+    """The plan behind a plan folder or an elastic checkpoint (cheap: no model weights)."""
+    from .plan import Plan
+
+    meta = read_meta(source)
+    if meta.get("kind") == "elastic":
+        return Plan.load(meta["plan_dir"])
+    read_meta(source, kind="plan")
+    return Plan.load(source)
 
 
 def prepare_shape(elastic: ElasticLM, shape: Shape) -> None:
@@ -177,16 +189,30 @@ def extract_subnet(source: str | Path, out: str | Path, *, depth: int | None = N
                    round_to: int | None = None, method: str = "dp", force: bool = False) -> Path:
     """``amoeba extract``: pick a shape by (depth, width) or by parameter budget and write it."""
     start = time.perf_counter()
-    elastic, plan, source_meta = load_source(source, compensate=compensate)
-    if params is not None:
-        shape = plan.shape_for_params(params)
-    else:
+    if Path(out).exists() and not force:
+        raise OutputExistsError(f"output folder {out} already exists", fix="pass --force to replace it")
+    plan = source_plan(source)  # fail on an impossible shape before loading any weights
+    if params is None:
         if depth is None:
             raise ShapeError("no shape given", fix="pass --depth and --width, or --params")
         shape = plan.shape(depth, width, mode, method=method, round_to=round_to)
+    elastic, plan, source_meta = load_source(source, compensate=compensate)
+    if params is not None:
+        shape = pick_for_params(elastic, plan, params, mode)
     prepare_shape(elastic, shape)
     path = write_subnet(elastic, shape, out, source_dir=plan.model_dir, force=force,
                         meta={"source": str(source), "source_kind": source_meta.get("kind"),
                               "compensated": elastic.compensating,
                               "total_seconds": round(time.perf_counter() - start, 3)})
     return path
+
+
+def pick_for_params(elastic: ElasticLM, plan, params: int, mode: str = "global", *,
+                    calibration_tokens: int = 512) -> Shape:
+    """Among the widest shape of each depth within ``params``, the one with the best calibration loss."""
+    from .data import chunks, split_tokens
+    from .modelio import load_tokenizer
+    from .plan.select import rank_shapes
+
+    rows = chunks(split_tokens("calibration", load_tokenizer(plan.model_dir)), 256, calibration_tokens)
+    return rank_shapes(elastic, plan.shapes_for_params(params, mode), rows)[0][1]

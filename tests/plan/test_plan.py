@@ -56,7 +56,7 @@ def test_importance_order_keeps_full_logits(tiny_dir, tiny_plan_dir):
     elastic, plan = load_elastic(tiny_plan_dir, compensate=False)
     ids = torch.randint(0, 320, (1, 12), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        torch.testing.assert_close(elastic(ids), load_model(tiny_dir)(ids).logits, atol=1e-5, rtol=0)
+        torch.testing.assert_close(elastic(ids), load_model(tiny_dir)(ids).logits, atol=5e-5, rtol=0)
 
 
 def test_bad_depth_and_width(tiny_plan_dir):

@@ -1,0 +1,62 @@
+"""Every bad input: one line naming the fix, non-zero exit."""
+
+import pytest
+
+from amoeba_export.cli import main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    # Progress bars share stderr; the error itself must be exactly one line.
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    return code, err
+
+
+def test_help_lists_verbs(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for verb in ("plan", "extract", "train", "export", "validate", "bench", "deploy"):
+        assert verb in out
+
+
+def test_impossible_depth(capsys, tiny_plan_dir, tmp_path):
+    code, err = run(capsys, "extract", str(tiny_plan_dir), "--depth", "2", "--out", str(tmp_path / "x"))
+    assert code != 0 and len(err) == 1 and "depth 2 is not in the plan" in err[0]
+    assert not (tmp_path / "x").exists()
+
+
+def test_impossible_width(capsys, tiny_plan_dir, tmp_path):
+    code, err = run(capsys, "extract", str(tiny_plan_dir), "--depth", "4", "--width", "0",
+                    "--out", str(tmp_path / "x"))
+    assert code != 0 and len(err) == 1 and "width ratio 0" in err[0]
+
+
+def test_missing_plan(capsys, tmp_path):
+    code, err = run(capsys, "extract", str(tmp_path / "nope"), "--depth", "4", "--out", str(tmp_path / "x"))
+    assert code != 0 and len(err) == 1 and "not a folder" in err[0]
+
+
+def test_existing_output(capsys, tiny_plan_dir, tmp_path):
+    (tmp_path / "x").mkdir()
+    code, err = run(capsys, "extract", str(tiny_plan_dir), "--depth", "4", "--out", str(tmp_path / "x"))
+    assert code != 0 and "--force" in err[0]
+
+
+def test_corrupt_checkpoint(capsys, tiny_dir, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_dir, bad)
+    (bad / "model.safetensors").write_bytes(b"\x00" * 64)
+    code, err = run(capsys, "plan", "--model", str(bad), "--out", str(tmp_path / "p"))
+    assert code != 0 and len(err) == 1 and "cannot load the model" in err[0]
+
+
+def test_unknown_architecture(capsys, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)).save_pretrained(tmp_path / "gpt2")
+    code, err = run(capsys, "plan", "--model", str(tmp_path / "gpt2"), "--out", str(tmp_path / "p"))
+    assert code != 0 and "supported are: llama, mistral, qwen2" in err[0]

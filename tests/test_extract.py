@@ -1,0 +1,83 @@
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from amoeba_export.artifacts import atomic_dir, read_meta
+from amoeba_export.errors import OutputExistsError
+from amoeba_export.extract import extract_subnet
+from amoeba_export.plan import load_elastic
+
+IDS = torch.randint(0, 320, (2, 21), generator=torch.Generator().manual_seed(7))
+
+# Runs in a fresh interpreter where importing amoeba_export fails: the folder must load on its own.
+NO_AMOEBA = textwrap.dedent("""
+    import sys, torch, importlib.abc
+    class Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name.split(".")[0] == "amoeba_export":
+                raise ImportError("amoeba_export is blocked in this check")
+    sys.meta_path.insert(0, Block())
+    from transformers import AutoModelForCausalLM
+    m = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32, trust_remote_code=True)
+    ids = torch.load(sys.argv[2], weights_only=True)
+    with torch.no_grad():
+        torch.save(m(ids).logits, sys.argv[3])
+    print(type(m).__name__)
+""")
+
+
+@pytest.mark.parametrize("mode,width,compensate,stock", [
+    ("uniform", 0.5, False, True),
+    ("uniform", 0.75, True, True),
+    ("global", 0.6, False, False),
+    ("global", 0.5, True, False),
+])
+def test_extracted_equals_elastic_subnet(tiny_plan_dir, tmp_path, mode, width, compensate, stock):
+    elastic, plan = load_elastic(tiny_plan_dir, compensate=compensate)
+    shape = plan.shape(4, width, mode)
+    out = extract_subnet(tiny_plan_dir, tmp_path / "sub", depth=4, width=width, mode=mode, compensate=compensate)
+    meta = read_meta(out)
+    assert meta["stock"] is stock and meta["shape"]["layers"] == list(shape.layers)
+    torch.save(IDS, tmp_path / "ids.pt")
+    proc = subprocess.run([sys.executable, "-c", NO_AMOEBA, str(out), str(tmp_path / "ids.pt"),
+                           str(tmp_path / "logits.pt")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == ("LlamaForCausalLM" if stock else "AmoebaLlamaForCausalLM")
+    with torch.no_grad():
+        ref = elastic(IDS, shape)
+    got = torch.load(tmp_path / "logits.pt", weights_only=True)
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+    assert meta["params"] == shape.num_params(plan.dims, bias=False) or compensate
+
+
+def test_full_shape_extraction_is_the_original_model(tiny_dir, tiny_plan_dir, tmp_path):
+    from amoeba_export.modelio import load_model
+
+    out = extract_subnet(tiny_plan_dir, tmp_path / "full", depth=6, width=1.0, compensate=False)
+    # Importance order permutes MLP channels and heads within KV groups: the same function, summed in
+    # another order, so fp32 agreement is ~1e-5 rather than bitwise.
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(out)(IDS).logits, load_model(tiny_dir)(IDS).logits,
+                                   atol=5e-5, rtol=0)
+    assert (out / "tokenizer.json").is_file()
+
+
+def test_existing_output_refused_unless_force(tiny_plan_dir, tmp_path):
+    out = tmp_path / "sub"
+    extract_subnet(tiny_plan_dir, out, depth=5, width=1.0)
+    with pytest.raises(OutputExistsError, match="--force"):
+        extract_subnet(tiny_plan_dir, out, depth=5, width=1.0)
+    extract_subnet(tiny_plan_dir, out, depth=4, width=1.0, force=True)
+    assert read_meta(out)["shape"]["meta"]["depth"] == 4
+
+
+def test_crash_leaves_no_complete_looking_folder(tmp_path):
+    out = tmp_path / "artifact"
+    with pytest.raises(RuntimeError):
+        with atomic_dir(out) as tmp:
+            (tmp / "model.safetensors").write_bytes(b"partial")
+            raise RuntimeError("killed")
+    assert not out.exists() and list(tmp_path.iterdir()) == []
