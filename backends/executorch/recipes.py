@@ -16,7 +16,7 @@ from torch import nn
 from amoeba_export.errors import BackendError
 
 RECIPE_VERSION = 1
-MIN_GROUP = 16  # smallest group an automatic fallback may pick before falling back to 8-bit per channel
+GROUP_MULTIPLE = 32  # XNNPACK delegates int4 groups only in multiples of 32
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,7 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
 
 
 def get_recipe(name: str) -> Recipe:
+    """The recipe called ``name``; unknown and disabled recipes are errors naming the alternatives."""
     recipe = RECIPES.get(name.lower())
     if recipe is None:
         raise BackendError(f"unknown ExecuTorch quantization recipe {name!r}; supported are: "
@@ -59,12 +60,10 @@ def get_recipe(name: str) -> Recipe:
 
 
 def _fallback_group(in_features: int, group: int) -> int | None:
-    """The largest power-of-two group below ``group`` that divides ``in_features`` (None if under MIN_GROUP)."""
-    g = group // 2
-    while g >= MIN_GROUP:
+    """The largest multiple of 32 below ``group`` that divides ``in_features`` (None if there is none)."""
+    for g in range(group - GROUP_MULTIPLE, GROUP_MULTIPLE - 1, -GROUP_MULTIPLE):
         if in_features % g == 0:
             return g
-        g //= 2
     return None
 
 
