@@ -2,7 +2,7 @@
 
 BIG-bench tasks are read straight out of the ``bigbench==1.0.0`` sdist in the cache (never installed).
 Zero-shot prompts follow BIG-bench's JSON-task format: ``task_prefix + example_input_prefix + input``,
-the choices appended with ``choice_prefix`` when ``append_choices_to_input`` (sorted, for determinism),
+the choices appended with ``choice_prefix`` when ``append_choices_to_input`` (in BIG-bench's seeded order),
 then ``example_output_prefix``; each choice is scored by the summed log-probability of its tokens and the
 highest-scoring choice is the answer. For everything else, :class:`RunnerLM` makes any exported artifact
 an lm-eval 0.4.x model (``pip install 'amoeba-export[eval]'``), so lm-eval's own tasks run on it.
@@ -25,6 +25,7 @@ from amoeba_export.paths import cache_subdir
 from amoeba_export.resources import BIGBENCH, fetch_package
 
 TASKS_ROOT = "bigbench/benchmark_tasks/"
+BIGBENCH_SEED = 42  # BIG-bench's default random_seed for formatting examples
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,7 @@ def bigbench_task_names() -> list[str]:
     return json.loads(index.read_text())
 
 
-def parse_task(data: dict[str, Any], name: str) -> MCTask:
+def parse_task(data: dict[str, Any], name: str, *, seed: int = BIGBENCH_SEED) -> MCTask:
     if not any("target_scores" in ex for ex in data.get("examples", [])):
         raise DataError(f"BIG-bench task {name!r} has no multiple-choice examples",
                         fix="pick a task whose examples carry target_scores")
@@ -99,7 +100,9 @@ def parse_task(data: dict[str, Any], name: str) -> MCTask:
         scores = ex["target_scores"]
         choices = tuple(scores)
         best = max(scores.values())
-        text = ex["input"] + (choice_prefix + choice_prefix.join(sorted(choices)) if append else "")
+        # BIG-bench lists the choices in a seeded permutation of their sorted order (seed 42 by default).
+        shown = np.random.RandomState(seed=seed).permutation(sorted(choices))
+        text = ex["input"] + (choice_prefix + choice_prefix.join(shown) if append else "")
         examples.append(MCExample(task_prefix + input_prefix + text + output_prefix, choices,
                                   frozenset(i for i, c in enumerate(choices) if scores[c] == best)))
     return MCTask(name, data.get("description", ""), tuple(examples))

@@ -36,7 +36,8 @@ def test_parse_follows_bigbench_json_format():
     task = t.parse_task(TASK, "toy")
     assert len(task.examples) == 2
     first = task.examples[0]
-    assert first.prompt == "Pick one.\nexample: the cat sat on the\n  choice: mat\n  choice: model\nanswer: "
+    # BIG-bench shows the choices in RandomState(42).permutation(sorted(choices)) order
+    assert first.prompt == "Pick one.\nexample: the cat sat on the\n  choice: model\n  choice: mat\nanswer: "
     assert first.choices == ("mat", "model") and first.correct == {0}
     assert task.examples[1].correct == {0, 2}
     assert task.chance == pytest.approx((1 / 2 + 2 / 3) / 2)

@@ -1,0 +1,77 @@
+"""The GGUF backend: a plain HF folder → one .gguf file for llama.cpp, quantized by llama.cpp's own quantizer."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from amoeba_export.artifacts import atomic_dir, write_meta
+from amoeba_export.errors import BackendError, CheckpointError
+
+from ..base import Artifact, Backend, Runner
+from ..meta import copy_tokenizer, export_meta, read_hf_config, tool_versions
+from .quantize import QUANT_TYPES, census, quantize
+from .writer import write_gguf
+
+UNQUANTIZED = ("F32", "F16")
+OPTIONS = ("pre_tokenizer", "threads", "progress")
+
+
+class GGUFBackend(Backend):
+    name = "gguf"
+    extra = "gguf"
+    runtime_modules = ("llama_cpp", "gguf")
+    quant_types = (*UNQUANTIZED, *QUANT_TYPES)
+    default_quant = "Q4_K_M"
+
+    def export(self, hf_dir: Path, out_dir: Path, quant: str = "Q4_K_M", *, force: bool = False,
+               **options: Any) -> Artifact:
+        """Options: ``pre_tokenizer`` (llama.cpp name, when the tokenizer is not in pretokenizers.json),
+        ``threads`` (quantizer threads), ``progress`` (tqdm bars)."""
+        unknown = set(options) - set(OPTIONS)
+        if unknown:
+            raise BackendError(f"unknown gguf export option(s): {', '.join(sorted(unknown))}",
+                               fix=f"use only: {', '.join(OPTIONS)}")
+        quant = self.check_quant(quant)
+        hf_dir = Path(hf_dir)
+        started = time.perf_counter()
+        model_file = f"model-{quant}.gguf"
+        write = dict(name=hf_dir.name, pre_tokenizer=options.get("pre_tokenizer"),
+                     progress=options.get("progress", True))
+        with atomic_dir(out_dir, force=force) as tmp:
+            if quant in UNQUANTIZED:
+                plan = write_gguf(hf_dir, tmp / model_file, dtype=quant, **write)
+            else:
+                # Quantize from F32 when the checkpoint is F32 (best accuracy); a 16-bit checkpoint loses
+                # nothing through F16, and a 7B F32 intermediate would need twice the disk.
+                dtype = str(read_hf_config(hf_dir).get("dtype") or read_hf_config(hf_dir).get("torch_dtype") or "")
+                base = tmp / f".base-{'F16' if '16' in dtype else 'F32'}.gguf"
+                plan = write_gguf(hf_dir, base, dtype="F16" if "16" in dtype else "F32", **write)
+                quantize(base, tmp / model_file, quant, threads=options.get("threads") or os.cpu_count() or 1)
+                base.unlink()
+            found = census(tmp / model_file, quant)
+            copy_tokenizer(hf_dir, tmp / "tokenizer")  # HF tokenizer for text tools (validation, tasks)
+            notes = [*plan.notes, *found.notes(quant)]
+            meta = export_meta(
+                backend=self.name, quant=quant, hf_dir=hf_dir, folder=tmp, model_file=model_file, started=started,
+                tools=tool_versions("gguf", "llama_cpp_python"), bytes_per_token=found.bytes_per_token,
+                notes=notes,
+                gguf={"arch": found.arch, "tensor_types": found.tensor_types, "n_tensors": found.n_tensors,
+                      "fallback_tensors": found.fallback},
+            )
+            write_meta(tmp, meta)
+        return Artifact.open(out_dir)
+
+    def load(self, artifact: Artifact, *, threads: int | None = None, n_ctx: int | None = None) -> Runner:
+        from .runner import LlamaCppRunner
+
+        path = artifact.model_file
+        expected = artifact.meta.get("files", {}).get(artifact.meta["model_file"], {}).get("bytes")
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing", fix="re-run amoeba export")
+        if expected is not None and path.stat().st_size != expected:
+            raise CheckpointError(f"{path} is truncated or altered ({path.stat().st_size} bytes, meta.json says "
+                                  f"{expected})", fix="re-run amoeba export with --force")
+        return LlamaCppRunner(path, threads=threads, n_ctx=n_ctx)

@@ -1,0 +1,79 @@
+"""llama.cpp's quantizer (through llama-cpp-python) and a census of what it actually wrote.
+
+llama.cpp silently falls back to another type for a tensor whose rows are not a multiple of the target
+type's block (256 for k-quants, 32 for Q4_0/Q8_0); SmolLM2's 576-wide rows do that even at full size.
+The census reads the written file and names every such tensor, so reports never hide it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from amoeba_export.errors import BackendError
+
+# quant name -> (llama_cpp ftype constant, the main GGML type it aims for)
+QUANT_TYPES: dict[str, tuple[str, str]] = {
+    "Q8_0": ("LLAMA_FTYPE_MOSTLY_Q8_0", "Q8_0"),
+    "Q4_0": ("LLAMA_FTYPE_MOSTLY_Q4_0", "Q4_0"),
+    "Q4_K_M": ("LLAMA_FTYPE_MOSTLY_Q4_K_M", "Q4_K"),
+    "Q5_K_M": ("LLAMA_FTYPE_MOSTLY_Q5_K_M", "Q5_K"),
+    "Q6_K": ("LLAMA_FTYPE_MOSTLY_Q6_K", "Q6_K"),
+}
+
+
+def quantize(src: Path, dst: Path, quant: str, *, threads: int) -> None:
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, QUANT_TYPES[quant][0])
+    params.nthread = threads
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    if rc != 0 or not dst.is_file():
+        raise BackendError(f"llama.cpp's quantizer failed on {src.name} for {quant} (return code {rc})",
+                           fix="re-run with --quant F16 to check that the unquantized file loads")
+
+
+@dataclass(frozen=True)
+class Census:
+    """Types and sizes of the tensors in a GGUF file."""
+
+    arch: str
+    tensor_types: dict[str, int]  # GGML type -> count
+    fallback: list[dict] = field(default_factory=list)  # tensors whose rows the target type cannot hold
+    bytes_per_token: int = 0
+    n_tensors: int = 0
+
+    def notes(self, quant: str) -> list[str]:
+        if not self.fallback:
+            return []
+        target = QUANT_TYPES[quant][1]
+        cols = sorted({t["row"] for t in self.fallback})
+        got = Counter(t["type"] for t in self.fallback)
+        return [f"{len(self.fallback)} of {self.n_tensors} tensors could not use {target}-family types and fell "
+                f"back (rows of {', '.join(map(str, cols))} are not multiples of {self.fallback[0]['block']}): "
+                + ", ".join(f"{n}×{t}" for t, n in sorted(got.items()))]
+
+
+def census(path: Path, quant: str) -> Census:
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
+    types = Counter(t.tensor_type.name for t in reader.tensors)
+    names = {t.name for t in reader.tensors}
+    fallback = []
+    if quant in QUANT_TYPES:
+        target = gguf.GGMLQuantizationType[QUANT_TYPES[quant][1]]
+        block = gguf.GGML_QUANT_SIZES[target][0]
+        for t in reader.tensors:
+            row = int(t.shape[0])  # GGUF lists the contiguous (row) dimension first
+            if len(t.shape) == 2 and row % block:
+                fallback.append({"name": t.name, "type": t.tensor_type.name, "row": row, "block": block})
+    # Decoding one token reads every weight once, except the embedding table (one row) when the output
+    # projection has its own tensor.
+    skip = {"token_embd.weight"} if "output.weight" in names else set()
+    per_token = sum(int(t.n_bytes) for t in reader.tensors if t.name not in skip)
+    return Census(arch, dict(types), fallback, per_token, len(reader.tensors))
