@@ -165,9 +165,9 @@ def _eager_reference(hf_dir, recipe_name, ids):
 
 
 # recipe -> max |Δlogit| allowed vs torchao eager, as a fraction of the eager logits' largest magnitude.
-# 8-bit weights with dynamic int8 activations reproduce torchao almost exactly; the int4 kernels round
-# activations differently (measured ≈ 0.1 absolute on logits of magnitude ≈ 4).
-RECIPE_TOLERANCE = {"8da4w": 0.06, "8da4w-g128": 0.06, "8da4w-head4": 0.06, "8da8w": 1e-3}
+# XNNPACK's dynamic int8 activation quantization rounds differently from torchao's eager ops: measured
+# ≈ 0.1 absolute for int4 weights and ≈ 0.012 for int8 weights, on logits of magnitude ≈ 4.
+RECIPE_TOLERANCE = {"8da4w": 0.06, "8da4w-g128": 0.06, "8da4w-head4": 0.06, "8da8w": 0.01}
 
 
 @pytest.mark.parametrize("recipe", sorted(RECIPE_TOLERANCE))
