@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     import torch
 
 SPLITS = ("calibration", "train", "heldout")
-DATA_VERSION = 1
+DATA_VERSION = 2
 WIKI_MEMBER = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 CANTERBURY = {"alice29.txt": "heldout", "lcet10.txt": "calibration", "plrabn12.txt": "train",
               "asyoulik.txt": "train"}
@@ -67,6 +67,7 @@ def _shakespeare() -> Iterator[Document]:
 
 _WIKI_PATTERNS = [
     (re.compile(r"<!--.*?-->", re.S), ""),
+    (re.compile(r"<math.*?</math>", re.S), ""),
     (re.compile(r"<ref[^>]*/>"), ""),
     (re.compile(r"<ref.*?</ref>", re.S), ""),
     (re.compile(r"\{\|.*?\|\}", re.S), ""),  # tables
@@ -91,7 +92,9 @@ def strip_wiki_markup(text: str) -> str:
             break
     for pattern, repl in _WIKI_PATTERNS:
         text = pattern.sub(repl, text)
-    return text.strip()
+    # Unbalanced or malformed markup survives the rules above; such lines are dropped, not guessed at.
+    lines = [ln for ln in text.splitlines() if not any(m in ln for m in ("{{", "}}", "[[", "]]", "{|", "|}"))]
+    return "\n".join(lines).strip()
 
 
 def _wikipedia() -> Iterator[Document]:

@@ -48,9 +48,13 @@ class AmoebaLlamaConfig(LlamaConfig):
                 if kv < 1 or q % kv:
                     raise ValueError(f"layer {i}: {q} query heads do not divide into {kv} KV heads")
 
-    def layer_config(self, index: int) -> LlamaConfig:
-        """A stock LlamaConfig describing layer ``index`` alone (biases are added by the model)."""
-        return LlamaConfig(
+    def layer_config(self, index: int) -> "AmoebaLlamaConfig":
+        """A one-layer config describing layer ``index`` alone (biases are added by the model).
+
+        Built as this class, not LlamaConfig, because LlamaConfig insists that the head count divides the
+        hidden size, which a pruned layer (explicit head_dim) need not satisfy.
+        """
+        return AmoebaLlamaConfig(
             hidden_size=self.hidden_size,
             intermediate_size=self.layer_intermediate_sizes[index],
             num_attention_heads=self.layer_num_attention_heads[index],
