@@ -1,0 +1,150 @@
+"""Calibration of a target's predictors on this machine: a few small subnets exported, measured and fitted.
+
+Models (all least squares over the calibration points):
+- file size:    bytes      = c0 + c1 · W       (W: the quant scheme's priced weights, sizing.py)
+- decode speed: s / token  = a  + b  · W       (weight streaming + a fixed per-token cost)
+- memory:       peak RSS   = m0 + m1 · W  + KV cache at the profile's context length
+The fit is cached per (source, backend, quant, export options, threads, machine), so it is paid once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from ..artifacts import write_json
+from ..paths import cache_subdir
+from ..shape import Shape
+
+CALIBRATION_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Point:
+    shape: str
+    weight_bytes: int
+    file_bytes: int
+    decode_tok_s: float
+    peak_rss_bytes: float
+    kv_bytes: int
+
+
+@dataclass(frozen=True)
+class Calibration:
+    backend: str
+    quant: str
+    threads: int
+    points: tuple[Point, ...]
+    size: tuple[float, float]  # c0, c1
+    speed: tuple[float, float]  # a (s), b (s per byte)
+    memory: tuple[float, float]  # m0, m1
+    machine: str
+    seconds: float
+    version: int = CALIBRATION_VERSION
+
+    def predict_size(self, w: int) -> float:
+        return self.size[0] + self.size[1] * w
+
+    def predict_tok_s(self, w: int) -> float:
+        return 1.0 / max(self.speed[0] + self.speed[1] * w, 1e-9)
+
+    def predict_memory(self, w: int, kv: int) -> float:
+        return self.memory[0] + self.memory[1] * w + kv
+
+    def describe(self) -> str:
+        return (f"speed model: s/token = {self.speed[0] * 1e3:.3g} ms + {self.speed[1] * 1e9:.3g} ms/GB · W, "
+                f"fitted on {len(self.points)} {self.backend}/{self.quant} subnets benched here "
+                f"({self.threads} threads); size = {self.size[0] / 1e6:.3f} MB + {self.size[1]:.4f} · W")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Calibration:
+        return cls(**{**d, "points": tuple(Point(**p) for p in d["points"]), "size": tuple(d["size"]),
+                      "speed": tuple(d["speed"]), "memory": tuple(d["memory"])})
+
+
+def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """Least-squares ``y = a + b x``; one point (or equal xs) gives a line through the origin's slope."""
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    if n < 2 or sxx == 0:
+        return 0.0, my / mx if mx else 0.0
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+    return my - b * mx, b
+
+
+def fit_nonnegative(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """``fit_line`` with both coefficients kept ≥ 0 (a time or size never shrinks as weights grow)."""
+    a, b = fit_line(xs, ys)
+    if a < 0:
+        a, b = 0.0, sum(x * y for x, y in zip(xs, ys)) / max(sum(x * x for x in xs), 1e-30)
+    if b < 0:
+        a, b = sum(ys) / len(ys), 0.0
+    return a, b
+
+
+def machine_id() -> str:
+    from ..benchmark.harness import _cpu_name
+
+    return f"{platform.node()}|{_cpu_name()}"
+
+
+def calibration_key(source_id: str, backend: str, quant: str, options: dict, threads: int,
+                    shapes: list[Shape]) -> str:
+    body = json.dumps({"source": source_id, "backend": backend, "quant": quant, "options": options,
+                       "threads": threads, "machine": machine_id(), "v": CALIBRATION_VERSION,
+                       "shapes": [s.to_dict() for s in shapes]}, sort_keys=True, default=str)
+    return hashlib.sha256(body.encode()).hexdigest()[:16]
+
+
+def calibrate(elastic, plan, shapes: list[Shape], *, source_id: str, backend: str, quant: str,
+              export_options: dict, threads: int, weight_fn, kv_fn, prepare=None,
+              bench_tokens: int = 64, repeats: int = 2, progress: bool = True) -> Calibration:
+    """Export, measure and fit ``shapes`` (cached); ``weight_fn(shape) -> W``, ``kv_fn(shape, ctx) -> bytes``."""
+    from tqdm.auto import tqdm
+
+    from ..backends import get_backend
+    from ..benchmark.harness import bench_artifact, measure_bandwidth
+    from ..extract import write_subnet
+
+    key = calibration_key(source_id, backend, quant, export_options, threads, shapes)
+    cache = cache_subdir("deploy", "calibration") / f"{backend}-{quant}-{key}.json"
+    if cache.is_file():
+        return Calibration.from_dict(json.loads(cache.read_text()))
+    started = time.perf_counter()
+    work = cache_subdir("deploy", "calibration") / f".work-{key}"
+    shutil.rmtree(work, ignore_errors=True)
+    engine = get_backend(backend)
+    points = []
+    bandwidth = measure_bandwidth(threads)  # one measurement shared by every calibration bench
+    for i, shape in enumerate(tqdm(shapes, desc=f"calibrate {backend}/{quant}", unit="subnet", disable=not progress)):
+        if prepare is not None:
+            prepare(shape)
+        hf = write_subnet(elastic, shape, work / f"{i}-hf", source_dir=plan.model_dir)
+        artifact = engine.export(hf, work / f"{i}-art", quant, **export_options)
+        bench = bench_artifact(artifact.path, threads=threads, prompt_tokens=16, new_tokens=bench_tokens,
+                               repeats=repeats, bandwidth=bandwidth, progress=False)
+        points.append(Point(shape.name, int(weight_fn(shape)), int(artifact.size_bytes),
+                            float(bench["metrics"]["decode_tok_s"]["median"]),
+                            float(bench["metrics"]["peak_rss_gb"]["median"]) * 2**30,
+                            int(kv_fn(shape, 16 + bench_tokens))))
+        shutil.rmtree(work / f"{i}-hf", ignore_errors=True)
+        shutil.rmtree(work / f"{i}-art", ignore_errors=True)
+    shutil.rmtree(work, ignore_errors=True)
+    ws = [p.weight_bytes for p in points]
+    cal = Calibration(
+        backend=backend, quant=quant, threads=threads, points=tuple(points),
+        size=fit_line(ws, [p.file_bytes for p in points]),
+        speed=fit_nonnegative(ws, [1.0 / p.decode_tok_s for p in points]),
+        memory=fit_nonnegative(ws, [p.peak_rss_bytes - p.kv_bytes for p in points]),
+        machine=machine_id(), seconds=round(time.perf_counter() - started, 1))
+    write_json(cache, cal.to_dict())
+    return cal
