@@ -73,10 +73,11 @@ def export_once(backend, hf_dir: Path, out: Path, quant: str, reuse: bool, **opt
         same_source = art.meta["source"]["hf_dir"] == str(hf_dir.resolve())
         recipe = art.meta.get("recipe")
         if backend.name == "onnx":
-            from amoeba_export.backends.onnx.quantize import recipe_for
+            from amoeba_export.backends.onnx.quantize import QuantRecipe, recipe_for
 
             wanted = recipe_for(quant, {k: v for k, v in options.items() if k not in ("fp32_onnx", "external_data")})
-            same_recipe = recipe == wanted.to_dict()
+            # Fields added to the recipe since that artifact was written count at their defaults.
+            same_recipe = {**QuantRecipe().to_dict(), **(recipe or {})} == wanted.to_dict()
         else:
             same_recipe = True
         if same_source and same_recipe:
