@@ -141,7 +141,8 @@ def write_report(dep, folder: Path, summary: dict[str, Any]) -> None:
                 f"({cal['machine'].split('|')[-1]}, {cal['threads']} threads): a = {cal['speed'][0] * 1e3:.3g} ms, "
                 f"b = {cal['speed'][1] * 1e9:.3g} ms/GB. Its error on the deployed artifact is in the table above. "
                 f"File size = c0 + c1·W with c0 = {cal['size'][0] / 1e6:.3f} MB, c1 = {cal['size'][1]:.4f}.")
-    head = (f"Target **{profile.name}** ({profile.description}): {profile.backend}/{profile.quant}, "
+    about = f" ({profile.description})" if profile.description else ""
+    head = (f"Target **{profile.name}**{about}: {profile.backend}/{profile.quant}, "
             f"{profile.threads} threads, context {profile.context_length}. Source `{dep.source}`. "
             f"Chosen shape **{best.name}** ({best.params:,} parameters, held-out perplexity {best.ppl:.3f}) — "
             f"the most accurate of {len(result.candidates)} candidates that meets every budget.")
