@@ -5,7 +5,7 @@ PIP := $(PY) -m pip
 # llama.cpp's multimodal library is not needed: skipping it cuts the llama-cpp-python build from ≈19 to ≈7 min.
 export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
 
-.PHONY: setup demo test test-fast lint
+.PHONY: setup demo deploy-demo test test-fast lint
 
 setup: $(VENV)/.installed
 
@@ -21,6 +21,10 @@ $(VENV)/.installed: pyproject.toml
 
 demo: setup
 	$(VENV)/bin/amoeba demo
+
+# The demo, then a deploy of the chosen model to the laptop (GGUF) and 8 GB phone (ExecuTorch) targets.
+deploy-demo: setup
+	$(VENV)/bin/amoeba demo --deploy laptop android-8gb
 
 test: setup
 	$(PY) -m pytest -q
