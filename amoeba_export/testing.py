@@ -50,6 +50,33 @@ def tiny_llama(out: str | Path | None = None, *, seed: int = 0, **config_kwargs)
     torch.manual_seed(seed)
     config = tiny_llama_config(**config_kwargs)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    return _finish(model, out)
+
+
+def tiny_amoeba_llama(out: str | Path | None = None, *, q_heads=(2, 4, 4), kv_heads=(2, 2, 1), mlp=(128, 32, 96),
+                      hidden: int = 64, head_dim: int = 16, vocab: int = 320, tie: bool = False,
+                      qkv_bias: bool = False, o_proj_bias: bool = False, down_proj_bias: bool = False,
+                      seed: int = 0):
+    """A random per-layer-width ``amoeba_llama`` model, as extraction writes them (saved when ``out``)."""
+    import torch
+
+    from .hf import AmoebaLlamaConfig, AmoebaLlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = AmoebaLlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, head_dim=head_dim, num_hidden_layers=len(q_heads),
+        num_attention_heads=max(q_heads), num_key_value_heads=max(kv_heads), intermediate_size=max(mlp),
+        layer_num_attention_heads=list(q_heads), layer_num_key_value_heads=list(kv_heads),
+        layer_intermediate_sizes=list(mlp), qkv_bias=qkv_bias, o_proj_bias=o_proj_bias,
+        down_proj_bias=down_proj_bias, max_position_embeddings=512, rms_norm_eps=1e-5, initializer_range=0.15,
+        tie_word_embeddings=tie, bos_token_id=0, eos_token_id=0,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    return _finish(AmoebaLlamaForCausalLM(config).eval(), out)
+
+
+def _finish(model, out: str | Path | None):
+    import torch
+
     # Non-trivial norms and biases, so permutation/slicing bugs cannot hide behind ones and zeros.
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -60,5 +87,5 @@ def tiny_llama(out: str | Path | None = None, *, seed: int = 0, **config_kwargs)
     if out is not None:
         out = Path(out)
         model.save_pretrained(out, safe_serialization=True)
-        tiny_tokenizer(config.vocab_size).save_pretrained(out)
+        tiny_tokenizer(model.config.vocab_size).save_pretrained(out)
     return model

@@ -18,30 +18,15 @@ pytest.importorskip("torchao")
 from amoeba_export.backends import get_backend, load_artifact  # noqa: E402
 
 from amoeba_export.errors import BackendError  # noqa: E402
-from amoeba_export.testing import tiny_llama, tiny_tokenizer  # noqa: E402
+from amoeba_export.testing import tiny_amoeba_llama, tiny_llama, tiny_tokenizer  # noqa: E402
 
 CTX = 32
 
 
 def _amoeba_model(path):
     """Per-layer widths, GQA groups of 1 and 2, biases and a tied embedding."""
-    from amoeba_export.hf import AmoebaLlamaConfig, AmoebaLlamaForCausalLM
-
-    torch.manual_seed(1)
-    cfg = AmoebaLlamaConfig(vocab_size=320, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
-                            num_key_value_heads=2, head_dim=16, intermediate_size=128,
-                            layer_num_attention_heads=[4, 2, 4], layer_num_key_value_heads=[2, 1, 4],
-                            layer_intermediate_sizes=[128, 40, 96], qkv_bias=True, o_proj_bias=True,
-                            down_proj_bias=True, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0,
-                            initializer_range=0.15)
-    model = AmoebaLlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.copy_(0.1 * torch.randn_like(p))
-    model.save_pretrained(path)
-    tiny_tokenizer(320).save_pretrained(path)
-    return model
+    return tiny_amoeba_llama(path, q_heads=(4, 2, 4), kv_heads=(2, 1, 4), mlp=(128, 40, 96), tie=True,
+                             qkv_bias=True, o_proj_bias=True, down_proj_bias=True, seed=1)
 
 
 def _hf_logits(model, ids):
