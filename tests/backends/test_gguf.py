@@ -66,13 +66,14 @@ def gguf():
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    return tmp_path_factory.mktemp("gguf")
+    path = tmp_path_factory.mktemp("gguf")
+    (path / "text.txt").write_text(TEXT)
+    return path
 
 
 @pytest.fixture(scope="module")
 def tiny(root):
     tiny_llama(root / "tiny")
-    (root / "text.txt").write_text(TEXT)
     return root / "tiny"
 
 
