@@ -11,8 +11,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_bench_arguments(parser)
 
 
-def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--threads", type=int, help="runtime threads (default: all cores)")
+def add_bench_arguments(parser: argparse.ArgumentParser, *, threads: bool = True) -> None:
+    if threads:  # `amoeba export` already has --threads from the validation options
+        parser.add_argument("--threads", type=int, help="runtime threads (default: all cores)")
     parser.add_argument("--prompt-tokens", type=int, default=128, help="prompt length for TTFT/prefill (128)")
     parser.add_argument("--new-tokens", type=int, default=128, help="greedy tokens to decode (128)")
     parser.add_argument("--repeats", type=int, default=3, help="fresh-process repeats; the median is reported (3)")

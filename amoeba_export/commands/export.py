@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--validate", action="store_true", help="validate against the source model (gates)")
     parser.add_argument("--bench", action="store_true", help="benchmark the artifact")
     add_validation_arguments(parser)
-    add_bench_arguments(parser)
+    add_bench_arguments(parser, threads=False)
 
 
 def parse_options(pairs: list[str]) -> dict[str, object]:

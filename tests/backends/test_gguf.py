@@ -207,6 +207,18 @@ def test_bad_inputs(gguf, tiny, tmp_path, monkeypatch):
         get_backend("gguf")
 
 
+def test_cli_export_validates_and_fails_clearly(tiny, root, tmp_path, capsys):
+    from amoeba_export.cli import main
+
+    common = ["--text-file", str(root / "text.txt"), "--seq-len", "64", "--max-tokens", "256"]
+    assert main(["export", str(tiny), "--backend", "gguf", "--quant", "F16", "--out", str(tmp_path / "a"),
+                 "--validate", *common]) == 0
+    assert "PASSED" in capsys.readouterr().out
+    assert main(["validate", str(tmp_path / "a"), *common]) == 0
+    assert main(["export", str(tiny), "--quant", "Q3_K", "--out", str(tmp_path / "b")]) == 2
+    assert "unknown quant type 'Q3_K'" in capsys.readouterr().err
+
+
 def test_killed_export_leaves_nothing_that_looks_complete(tiny, tmp_path):
     out = tmp_path / "killed"
     script = f"""
