@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from amoeba_export.errors import BackendError, CheckpointError, RuntimeMissingError, ValidationFailedError
 from amoeba_export.evaluation.validate import validate_artifact
 from amoeba_export.modelio import load_model, load_tokenizer
-from amoeba_export.testing import TEXT, tiny_llama, tiny_tokenizer
+from amoeba_export.testing import TEXT, tiny_amoeba_llama, tiny_llama
 
 IDS = [3, 17, 42, 99, 150, 7, 260, 31, 5, 77, 300, 12, 64, 128, 200, 1]
 SAMPLE = ("The cat sat on the mat, 12 times in 2024!\n  Indented code: x = f(3.14)  # ok\n"
@@ -37,25 +37,8 @@ def reference_logits(hf_dir, ids=IDS) -> np.ndarray:
 
 def per_layer_model(out, *, tie: bool = False, seed: int = 0):
     """A per-layer-width amoeba_llama with every compensation bias, random weights."""
-    from amoeba_export.hf import AmoebaLlamaConfig, AmoebaLlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = AmoebaLlamaConfig(
-        vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, max_position_embeddings=512, rms_norm_eps=1e-5,
-        tie_word_embeddings=tie, bos_token_id=0, eos_token_id=0, initializer_range=0.15,
-        layer_num_attention_heads=[2, 4, 4], layer_num_key_value_heads=[2, 2, 1],
-        layer_intermediate_sizes=[128, 32, 96], qkv_bias=True, o_proj_bias=True, down_proj_bias=True,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
-    model = AmoebaLlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1 + 0.2 * torch.randn_like(p))
-            elif name.endswith("bias"):
-                p.copy_(0.1 * torch.randn_like(p))
-    model.save_pretrained(out, safe_serialization=True)
-    tiny_tokenizer(320).save_pretrained(out)
+    tiny_amoeba_llama(out, q_heads=(2, 4, 4), kv_heads=(2, 2, 1), mlp=(128, 32, 96), tie=tie, qkv_bias=True,
+                      o_proj_bias=True, down_proj_bias=True, seed=seed)
     return out
 
 

@@ -11,32 +11,14 @@ from amoeba_export.backends import get_backend
 from amoeba_export.backends.base import Artifact
 
 from amoeba_export.errors import BackendError, ConfigError, OutputExistsError
-from amoeba_export.testing import tiny_llama, tiny_tokenizer
+from amoeba_export.testing import tiny_amoeba_llama, tiny_llama, tiny_tokenizer
 
 Q_HEADS, KV_HEADS, MLP = [4, 2, 2], [2, 1, 2], [128, 48, 96]
 IDS = [5, 17, 101, 42, 7, 250, 3, 64, 99, 12, 180, 33]
 
 
 def _amoeba_model(out):
-    from amoeba_export.hf import AmoebaLlamaConfig, AmoebaLlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = AmoebaLlamaConfig(vocab_size=320, hidden_size=64, head_dim=16, num_hidden_layers=3,
-                               num_attention_heads=max(Q_HEADS), num_key_value_heads=max(KV_HEADS),
-                               intermediate_size=max(MLP), layer_num_attention_heads=Q_HEADS,
-                               layer_num_key_value_heads=KV_HEADS, layer_intermediate_sizes=MLP, qkv_bias=True,
-                               down_proj_bias=True, max_position_embeddings=256, initializer_range=0.15,
-                               tie_word_embeddings=False, bos_token_id=0, eos_token_id=0)
-    model = AmoebaLlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1 + 0.2 * torch.randn_like(p))
-            elif name.endswith("bias"):
-                p.copy_(0.1 * torch.randn_like(p))
-    model.save_pretrained(out, safe_serialization=True)
-    tiny_tokenizer(320).save_pretrained(out)
-    return model
+    return tiny_amoeba_llama(out, q_heads=Q_HEADS, kv_heads=KV_HEADS, mlp=MLP, qkv_bias=True, down_proj_bias=True)
 
 
 @pytest.fixture(scope="module")
