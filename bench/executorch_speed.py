@@ -82,7 +82,6 @@ def main() -> int:
         return 0
 
     from amoeba_export.backends import get_backend
-
     from amoeba_export.benchmark.harness import bench_artifact, default_threads, measure_bandwidth
     from amoeba_export.evaluation.validate import validate_artifact
     from amoeba_export.modelio import resolve_model

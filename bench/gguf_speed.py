@@ -25,12 +25,11 @@ import tarfile
 import time
 from pathlib import Path
 
+from amoeba_export.artifacts import atomic_dir, write_meta
 from amoeba_export.backends import get_backend
 from amoeba_export.backends.base import Artifact
 from amoeba_export.backends.gguf.quantize import census, quantize
 from amoeba_export.backends.meta import export_meta, model_summary, tool_versions
-
-from amoeba_export.artifacts import atomic_dir, write_meta
 from amoeba_export.benchmark import bench_artifact
 from amoeba_export.benchmark.harness import default_threads, measure_bandwidth
 from amoeba_export.errors import ResourceError

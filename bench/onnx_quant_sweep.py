@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 from amoeba_export.backends import get_backend
 from amoeba_export.backends.base import Artifact
 

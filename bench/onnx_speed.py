@@ -21,7 +21,6 @@ from pathlib import Path
 
 from amoeba_export.backends import get_backend
 from amoeba_export.backends.base import Artifact
-
 from amoeba_export.benchmark import bench_artifact
 from amoeba_export.benchmark.harness import measure_bandwidth
 from amoeba_export.errors import AmoebaError

@@ -18,9 +18,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from amoeba_export.backends.base import Artifact
 from tqdm import tqdm
 
+from amoeba_export.backends.base import Artifact
 from amoeba_export.errors import BackendError
 
 BENCH_VERSION = 1

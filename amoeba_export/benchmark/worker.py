@@ -26,6 +26,7 @@ def _peak_rss_gb() -> float:
 
 def run_generation(job: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
+
     from amoeba_export.backends import load_artifact
 
     artifact, backend = load_artifact(job["artifact"])

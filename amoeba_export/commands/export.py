@@ -39,7 +39,6 @@ def parse_options(pairs: list[str]) -> dict[str, object]:
 
 def run(args: argparse.Namespace) -> int:
     from amoeba_export.backends import get_backend
-
     from amoeba_export.modelio import resolve_model
 
     hf_dir = resolve_model(args.model)

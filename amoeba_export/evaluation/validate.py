@@ -215,7 +215,6 @@ def validate_artifact(artifact_dir: str | Path, reference_hf_dir: str | Path, *,
     """Compare an artifact with the PyTorch model of ``reference_hf_dir``; raise when a gate fails."""
     from amoeba_export.backends import load_artifact
     from amoeba_export.backends.pytorch import PyTorchRunner
-
     from amoeba_export.modelio import load_tokenizer, resolve_model
 
     start = time.perf_counter()

@@ -16,7 +16,6 @@ pytest.importorskip("executorch")
 pytest.importorskip("torchao")
 
 from amoeba_export.backends import get_backend, load_artifact  # noqa: E402
-
 from amoeba_export.errors import BackendError  # noqa: E402
 from amoeba_export.testing import tiny_amoeba_llama, tiny_llama, tiny_tokenizer  # noqa: E402
 
@@ -140,7 +139,6 @@ def _eager_reference(hf_dir, recipe_name, ids):
     """The same StaticCacheLM with the same torchao recipe, run in PyTorch."""
     from amoeba_export.backends.executorch.module import StaticCacheLM
     from amoeba_export.backends.executorch.recipes import apply_recipe, get_recipe
-
     from amoeba_export.modelio import load_model
 
     with torch.no_grad():

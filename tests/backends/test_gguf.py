@@ -11,11 +11,11 @@ import sys
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
+
 from amoeba_export.backends import get_backend
 from amoeba_export.backends.base import Artifact
 from amoeba_export.backends.gguf.writer import plan_gguf
-from safetensors.torch import load_file, save_file
-
 from amoeba_export.errors import BackendError, CheckpointError, RuntimeMissingError, ValidationFailedError
 from amoeba_export.evaluation.validate import validate_artifact
 from amoeba_export.modelio import load_model, load_tokenizer

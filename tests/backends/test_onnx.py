@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 import torch
+
 from amoeba_export.backends import get_backend
 from amoeba_export.backends.base import Artifact
-
 from amoeba_export.errors import BackendError, ConfigError, OutputExistsError
 from amoeba_export.testing import tiny_amoeba_llama, tiny_llama, tiny_tokenizer
 

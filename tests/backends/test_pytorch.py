@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from amoeba_export.backends import get_backend
-from amoeba_export.backends.base import Artifact
 
 from amoeba_export.artifacts import read_meta
+from amoeba_export.backends import get_backend
+from amoeba_export.backends.base import Artifact
 from amoeba_export.errors import BackendError, CheckpointError, OutputExistsError
 from amoeba_export.testing import tiny_llama
 

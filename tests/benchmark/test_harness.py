@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 
 import pytest
-from amoeba_export.backends import get_backend
 
+from amoeba_export.backends import get_backend
 from amoeba_export.benchmark import bench_artifact, format_table
 from amoeba_export.benchmark.harness import measure_bandwidth, summarize
 from amoeba_export.errors import BackendError, CheckpointError

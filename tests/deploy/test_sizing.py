@@ -27,6 +27,7 @@ def test_tensor_list_matches_extraction(deploy_plan_dir, tmp_path, compensate):
 @pytest.mark.parametrize("quant", ["Q4_K_M", "Q4_0"])
 def test_gguf_types_and_bytes_match_llama_cpp(deploy_plan_dir, tmp_path, quant):
     import gguf
+
     from amoeba_export.backends import get_backend
 
     elastic, plan = load_elastic(deploy_plan_dir)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from amoeba_export.backends import get_backend
 from amoeba_export.backends.pytorch import PyTorchRunner
-
 from amoeba_export.errors import DataError
 from amoeba_export.evaluation import tasks as t
 from amoeba_export.modelio import load_tokenizer

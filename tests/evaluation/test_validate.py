@@ -6,9 +6,9 @@ import json
 import shutil
 
 import pytest
-from amoeba_export.backends import get_backend
 from safetensors.torch import load_file, save_file
 
+from amoeba_export.backends import get_backend
 from amoeba_export.errors import ConfigError, ValidationFailedError
 from amoeba_export.evaluation import validate as v
 from amoeba_export.testing import TEXT, tiny_llama

@@ -1,7 +1,7 @@
 import pytest
-from amoeba_export.targets import load_profile, shipped_names, shipped_profiles
 
 from amoeba_export.errors import ConfigError
+from amoeba_export.targets import load_profile, shipped_names, shipped_profiles
 
 BROKEN = """
 version = 1
