@@ -59,7 +59,8 @@ def test_continuation_logprob_matches_a_direct_computation(tiny):
     ids = torch.tensor([ctx + cont])
     logp = torch.log_softmax(torch.from_numpy(runner.logits(ctx + cont)).double(), -1)
     want = sum(float(logp[len(ctx) - 1 + i, c]) for i, c in enumerate(cont))
-    assert got == pytest.approx(want, abs=1e-6) and ids.shape[1] == len(ctx) + len(cont)
+    # float32 logits summed in another order: agreement to ~1e-6 relative, not bitwise
+    assert got == pytest.approx(want, abs=1e-5) and ids.shape[1] == len(ctx) + len(cont)
     argmax = logp[len(ctx) - 1:-1].argmax(-1).tolist()
     assert greedy == (argmax == cont)
 
