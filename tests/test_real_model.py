@@ -49,5 +49,6 @@ def test_plan_and_extraction_on_the_real_model(default_model_dir, model, tmp_pat
     for depth, width, mode in ((27, 0.5, "global"), (28, 0.75, "uniform")):
         shape = plan.shape(depth, width, mode)
         out = extract_subnet(tmp_path / "plan", tmp_path / f"{mode}", depth=depth, width=width, mode=mode)
+        # Real logits reach ~30 and 30 layers of fp32 sums run in another order: 5e-4 is ~1e-5 relative.
         with torch.no_grad():
-            torch.testing.assert_close(load_model(out)(ids).logits, elastic(ids, shape), atol=1e-4, rtol=0)
+            torch.testing.assert_close(load_model(out)(ids).logits, elastic(ids, shape), atol=5e-4, rtol=0)
