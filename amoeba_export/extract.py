@@ -35,9 +35,10 @@ def subnet_state_dict(elastic: ElasticLM, shape: Shape) -> tuple[dict[str, torch
     if not dims.tied_embeddings:
         sd["lm_head.weight"] = elastic.lm_head.weight
     flags = {"qkv_bias": False, "o_proj_bias": False, "down_proj_bias": False}
+    widths = elastic.widths(shape)
     for new, (layer, q, kv, m) in enumerate(zip(shape.layers, shape.q_heads, shape.kv_heads, shape.mlp)):
         block = elastic.layers[layer]
-        width = elastic.widths(shape)[layer]
+        width = widths[layer]
         heads = elastic._head_channels(elastic.group_major_heads(q, kv))
         p = f"model.layers.{new}."
         sd[p + "input_layernorm.weight"] = block.input_layernorm.weight

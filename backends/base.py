@@ -7,7 +7,6 @@ needs, and ``meta.json``) and loads an artifact into a :class:`Runner`. Backends
 from __future__ import annotations
 
 import importlib
-import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -109,9 +108,3 @@ class Backend(ABC):
 
     @abstractmethod
     def load(self, artifact: Artifact, *, threads: int | None = None) -> Runner: ...
-
-
-def timed(fn, *args, **kwargs) -> tuple[Any, float]:
-    start = time.perf_counter()
-    out = fn(*args, **kwargs)
-    return out, time.perf_counter() - start
