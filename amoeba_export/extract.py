@@ -152,8 +152,8 @@ def write_subnet(elastic: ElasticLM, shape: Shape, out: str | Path, *, source_di
     return Path(out)
 
 
-def load_source(source: str | Path, *, compensate: bool | None = None):
-    """``(elastic, plan, meta)`` of a plan folder or a trained elastic checkpoint."""
+def load_source(source: str | Path, *, compensate: bool | None = None, plan=None):
+    """``(elastic, plan, meta)`` of a plan folder or a trained elastic checkpoint (``plan``: already loaded)."""
     meta = read_meta(source)
     if meta.get("kind") == "elastic":
         from .finetune import load_trained_elastic
@@ -163,7 +163,7 @@ def load_source(source: str | Path, *, compensate: bool | None = None):
     from .plan import load_elastic
 
     read_meta(source, kind="plan")
-    elastic, plan = load_elastic(source, compensate=compensate)
+    elastic, plan = load_elastic(source, compensate=compensate, plan=plan)
     return elastic, plan, meta
 
 
@@ -197,7 +197,7 @@ def extract_subnet(source: str | Path, out: str | Path, *, depth: int | None = N
         if depth is None:
             raise ShapeError("no shape given", fix="pass --depth and --width, or --params")
         shape = plan.shape(depth, width, mode, method=method, round_to=round_to)
-    elastic, plan, source_meta = load_source(source, compensate=compensate)
+    elastic, plan, source_meta = load_source(source, compensate=compensate, plan=plan)
     if params is not None:
         shape = pick_for_params(elastic, plan, params, mode)
     prepare_shape(elastic, shape)

@@ -289,12 +289,14 @@ class Plan:
             raise CheckpointError(f"plan {path} is incomplete (missing {exc})", fix="re-run amoeba plan") from exc
 
 
-def load_elastic(plan_dir: str | Path, *, compensate: bool | None = None):
-    """The plan's model, made elastic and permuted by the plan: ``(ElasticLM, Plan)``."""
+def load_elastic(plan_dir: str | Path, *, compensate: bool | None = None, plan: Plan | None = None):
+    """The plan's model, made elastic and permuted by the plan: ``(ElasticLM, Plan)``.
+
+    ``plan``: the already-loaded plan of ``plan_dir``, to skip reading it again."""
     from ..elastic import make_elastic
     from ..modelio import load_model
 
-    plan = Plan.load(plan_dir)
+    plan = plan or Plan.load(plan_dir)
     elastic = make_elastic(load_model(plan.model_dir))
     plan.apply(elastic, compensate=compensate)
     return elastic, plan
