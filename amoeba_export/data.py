@@ -206,11 +206,24 @@ def text_file_tokens(path: str | Path, tokenizer) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def chunks(tokens: torch.Tensor, seq_len: int, max_tokens: int | None = None) -> torch.Tensor:
-    """Non-overlapping ``[n, seq_len]`` rows from the start of a token stream (a short tail is dropped)."""
-    if max_tokens is not None:
-        tokens = tokens[:max_tokens]
-    n = tokens.numel() // seq_len
+def chunks(tokens: torch.Tensor, seq_len: int, max_tokens: int | None = None, *,
+           spread: bool = False) -> torch.Tensor:
+    """Non-overlapping ``[n, seq_len]`` rows of a token stream (a short tail is dropped).
+
+    By default the rows come from the start of the stream. ``spread=True`` takes them at evenly spaced
+    offsets over the whole stream instead: a split concatenates documents, so its first tokens are one
+    document's front matter (a Gutenberg header, a table of contents) and a small budget taken from the
+    start would judge a model on that alone.
+    """
+    import torch
+
+    total = tokens.numel()
+    budget = total if max_tokens is None else min(max_tokens, total)
+    n = budget // seq_len
     if n == 0:
-        raise DataError(f"need at least {seq_len} tokens, have {tokens.numel()}", fix="use a shorter --seq-len")
-    return tokens[: n * seq_len].view(n, seq_len)
+        raise DataError(f"need at least {seq_len} tokens, have {total}", fix="use a shorter --seq-len")
+    if not spread:
+        return tokens[: n * seq_len].view(n, seq_len)
+    slots = total // seq_len  # aligned windows, so rows never overlap
+    starts = torch.linspace(0, slots - 1, n).round().long() * seq_len
+    return torch.stack([tokens[s: s + seq_len] for s in starts.tolist()])

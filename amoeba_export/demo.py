@@ -33,11 +33,11 @@ class Row:
 
 def ensure_plan(model_dir: Path, plan_dir: Path):
     """The cached plan for ``model_dir``; computed when missing or made for another model."""
-    from .plan import Plan, build_plan
+    from .plan import Plan, PlanConfig, build_plan
 
     try:
         plan = Plan.load(plan_dir)
-        if Path(plan.model_dir) == Path(model_dir):
+        if Path(plan.model_dir) == Path(model_dir) and plan.config == PlanConfig():
             print(f"plan: reusing {plan_dir} ({plan.stats['dp_evaluations']} DP evaluations, "
                   f"{plan.stats['total_seconds']:.0f} s when computed)")
             return plan

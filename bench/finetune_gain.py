@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -25,6 +26,15 @@ import torch
 
 def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2  # KiB on Linux
+
+
+def finished_run(run: Path, config) -> bool:
+    """A rerun of the bench reuses a variant that already finished with exactly this config."""
+    meta = run / "meta.json"
+    if not meta.is_file():
+        return False
+    m = json.loads(meta.read_text())
+    return bool(m.get("final")) and m.get("train") == json.loads(json.dumps(config.to_dict()))
 
 
 def main() -> int:
@@ -63,6 +73,8 @@ def main() -> int:
         print(f"reusing plan {plan_dir}", file=sys.stderr)
     else:
         build_plan(model_dir, plan_config).save(plan_dir, force=True)
+        for old in work.glob("run-*"):  # trained on the plan just replaced
+            shutil.rmtree(old)
     plan = Plan.load(plan_dir)
     plan_seconds = time.perf_counter() - started
 
@@ -89,8 +101,12 @@ def main() -> int:
     after: dict[str, dict[str, float]] = {}
     train_seconds: dict[str, float] = {}
     for name, cfg in variants.items():
-        result = train(plan_dir, cfg, work / f"run-{name}", force=True)
-        train_seconds[name] = round(result.seconds, 1)
+        run = work / f"run-{name}"
+        if finished_run(run, cfg):
+            print(f"reusing finished run {run}", file=sys.stderr)
+            train_seconds[name] = json.loads((run / "meta.json").read_text())["train_seconds"]
+        else:
+            train_seconds[name] = round(train(plan_dir, cfg, run, force=True).seconds, 1)
         trained, _, _ = load_trained_elastic(work / f"run-{name}")
         after[name] = {s.name: ppl_of(trained, s, True) for s in shapes}
         del trained

@@ -58,3 +58,20 @@ def test_user_files(tmp_path):
         data.text_file_tokens(tmp_path / "b.jsonl", tok)
     with pytest.raises(DataError, match="not found"):
         data.text_file_tokens(tmp_path / "missing.txt", tok)
+
+
+def test_chunks_from_start_and_spread():
+    import torch
+
+    from amoeba_export.data import chunks
+
+    stream = torch.arange(1000)
+    assert chunks(stream, 100, 300).tolist() == [list(range(0, 100)), list(range(100, 200)),
+                                                 list(range(200, 300))]
+    spread = chunks(stream, 100, 300, spread=True)
+    # first and last aligned window, one in the middle: rows cover the whole stream and never overlap
+    assert [int(r[0]) for r in spread] == [0, 400, 900]
+    assert all((r[1:] - r[:-1] == 1).all() for r in spread)
+    assert chunks(stream, 100, None, spread=True).shape == (10, 100)
+    with pytest.raises(DataError):
+        chunks(stream[:50], 100, spread=True)

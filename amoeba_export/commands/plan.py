@@ -14,6 +14,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int, default=d.seq_len)
     p.add_argument("--width-tokens", type=int, default=d.width_tokens, help="calibration tokens for importance")
     p.add_argument("--depth-tokens", type=int, default=d.depth_tokens, help="calibration tokens per DP evaluation")
+    p.add_argument("--depth-seq-len", type=int, default=d.depth_seq_len, help="row length of the DP's batch")
+    p.add_argument("--depth-metric", default=d.depth_metric,
+                   help="what the depth DP minimises: perplexity (calibration loss) or mc:<BIG-bench task> "
+                        "(multiple-choice error, e.g. mc:cause_and_effect/one_sentence)")
     p.add_argument("--max-removed", type=float, default=d.max_removed, help="most layers removed (fraction)")
     p.add_argument("--round-to", type=int, default=d.round_to, help="MLP widths are multiples of this")
     p.add_argument("--no-compensate", action="store_true", help="extract without bias compensation by default")
@@ -29,6 +33,7 @@ def run(args: argparse.Namespace) -> int:
     if Path(args.out).exists() and not args.force:
         raise OutputExistsError(f"output folder {args.out} already exists", fix="pass --force to replace it")
     config = PlanConfig(seq_len=args.seq_len, width_tokens=args.width_tokens, depth_tokens=args.depth_tokens,
+                        depth_seq_len=args.depth_seq_len, depth_metric=args.depth_metric,
                         max_removed=args.max_removed, round_to=args.round_to, compensate=not args.no_compensate)
     plan = build_plan(args.model, config)
     plan.save(args.out, force=args.force)

@@ -170,6 +170,9 @@ class TrainConfig:
 
     def with_overrides(self, **changes: Any) -> TrainConfig:
         smol_changes = {k[len("smol_"):]: v for k, v in changes.items() if k.startswith("smol_")}
+        if "experts" in smol_changes and "top_k" not in smol_changes:
+            # fewer experts than the default top-k (the E=1 ablation) means routing to all of them
+            smol_changes["top_k"] = min(self.smol.top_k, smol_changes["experts"])
         top = {k: v for k, v in changes.items() if not k.startswith("smol_")}
         smol = replace(self.smol, **smol_changes) if smol_changes else self.smol
         return replace(self, **top, smol=smol)

@@ -9,41 +9,13 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data import chunks, split_tokens
-from ..elastic import ElasticLM, LayerWidth, make_elastic
+from ..elastic import make_elastic
 from ..modelio import load_model, load_tokenizer, resolve_model
 from .depth_baselines import block_influence, block_influence_selection, drop_last_selection
 from .depth_dp import DepthSearch, dp_layer_selection
+from .depth_scores import SuffixChoiceError, SuffixPerplexity
 from .plan import Plan, PlanConfig, max_removed_layers
 from .width_importance import collect_stats, rank_layer
-
-
-class SuffixPerplexity:
-    """Calibration loss of a layer-removal set, reusing the hidden states of the untouched prefix."""
-
-    def __init__(self, elastic: ElasticLM, rows: torch.Tensor) -> None:
-        self.elastic, self.rows = elastic, rows
-        d = elastic.dims
-        self.full = LayerWidth(d.num_heads, d.num_kv_heads, d.intermediate_size)
-        with torch.no_grad():
-            h, self.pos = elastic.embed(rows)
-            self.entering: list[torch.Tensor] = []
-            for layer in range(d.num_layers):
-                self.entering.append(h)
-                h = elastic.layers[layer](h, self.pos, self.full)
-            self.full_loss = self._loss(h)
-
-    def _loss(self, h: torch.Tensor) -> float:
-        logits = self.elastic.head(h)
-        pred = logits[:, :-1].reshape(-1, logits.shape[-1])
-        return torch.nn.functional.cross_entropy(pred, self.rows[:, 1:].reshape(-1)).item()
-
-    @torch.no_grad()
-    def __call__(self, removed: frozenset[int], start: int) -> float:
-        h = self.entering[start]
-        for layer in range(start, self.elastic.dims.num_layers):
-            if layer not in removed:
-                h = self.elastic.layers[layer](h, self.pos, self.full)
-        return self._loss(h)
 
 
 def build_plan(model: str | Path | None, config: PlanConfig | None = None, *, progress: bool = True,
@@ -56,8 +28,9 @@ def build_plan(model: str | Path | None, config: PlanConfig | None = None, *, pr
     elastic = make_elastic(load_model(model_dir))
     n = elastic.dims.num_layers
     calib = split_tokens("calibration", tokenizer) if calibration is None else calibration
-    width_rows = chunks(calib, config.seq_len, config.width_tokens)
-    depth_rows = chunks(calib, config.seq_len, config.depth_tokens)
+    spread = config.calibration_rows == "spread"
+    width_rows = chunks(calib, config.seq_len, config.width_tokens, spread=spread)
+    depth_rows = chunks(calib, config.depth_seq_len, config.depth_tokens, spread=spread)
 
     t0 = time.perf_counter()
     attn, mlp = collect_stats(elastic, width_rows, progress=progress)
@@ -67,7 +40,8 @@ def build_plan(model: str | Path | None, config: PlanConfig | None = None, *, pr
     max_removed = max_removed_layers(n, config.max_removed)
     candidates = list(range(n - 1)) if config.keep_last else list(range(n))
     t0 = time.perf_counter()
-    scorer = SuffixPerplexity(elastic, depth_rows)
+    scorer = (SuffixPerplexity(elastic, depth_rows) if config.depth_metric == "perplexity"
+              else choice_scorer(elastic, tokenizer, config.depth_metric.removeprefix("mc:")))
     dp = dp_layer_selection(candidates, max_removed, scorer, full_score=scorer.full_loss, progress=progress)
     dp.seconds = time.perf_counter() - t0
     bi_values = block_influence(elastic, depth_rows)
@@ -82,6 +56,7 @@ def build_plan(model: str | Path | None, config: PlanConfig | None = None, *, pr
     stats = {
         "dp_evaluations": dp.evaluations,
         "dp_seconds": round(dp.seconds, 2),
+        "dp_metric": config.depth_metric,
         "dp_calibration_loss": {str(m): round(v, 5) for m, v in dp.scores.items()},
         "width_seconds": round(width_seconds, 2),
         "block_influence": [round(v, 6) for v in bi_values],
@@ -90,3 +65,13 @@ def build_plan(model: str | Path | None, config: PlanConfig | None = None, *, pr
     }
     return Plan(model_dir=str(model_dir), dims=elastic.dims, config=config,
                 depth_tables={m: s.kept(n) for m, s in searches.items()}, rankings=rankings, stats=stats)
+
+
+def choice_scorer(elastic, tokenizer, task_name: str) -> SuffixChoiceError:
+    """The DP's multiple-choice metric on a BIG-bench JSON task (read from the cached sdist)."""
+    from ..evaluation.tasks import load_bigbench_task, split_encode
+
+    task = load_bigbench_task(task_name)
+    items = [([split_encode(tokenizer, ex.prompt, c) for c in ex.choices], ex.correct) for ex in task.examples]
+    pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    return SuffixChoiceError(elastic, items, pad_id=pad)

@@ -27,3 +27,11 @@ def test_resume_compatibility():
     assert resume_problems(a, a.with_overrides(steps=20, save_every=5)) == []
     assert resume_problems(a, a.with_overrides(smol_rank=4))
     assert resume_problems(a.with_overrides(scheduler="cosine"), a.with_overrides(scheduler="cosine", steps=20))
+
+
+def test_single_expert_override_routes_to_it():
+    from amoeba_export.finetune.config import TrainConfig
+
+    single = TrainConfig().with_overrides(smol_experts=1).validate()
+    assert (single.smol.experts, single.smol.top_k) == (1, 1)
+    assert TrainConfig().with_overrides(smol_experts=3).smol.top_k == TrainConfig().smol.top_k

@@ -90,3 +90,30 @@ def test_corrupt_plan(tiny_plan_dir, tmp_path):
     with pytest.raises(CheckpointError, match="no meta.json"):
         Plan.load(bad)
     assert body["version"] == 1
+
+
+def test_config_reports_every_problem_at_once():
+    from amoeba_export.errors import ConfigError
+    from amoeba_export.plan import PlanConfig
+
+    with pytest.raises(ConfigError) as exc:
+        PlanConfig(depth_metric="accuracy", calibration_rows="end", depth_seq_len=4).validate()
+    text = str(exc.value)
+    assert "depth_metric" in text and "calibration_rows" in text and "depth_seq_len" in text
+    assert "supported are: perplexity, mc:<BIG-bench task>" in text
+
+
+def test_plan_with_multiple_choice_depth_metric(tiny_dir, tiny_calibration, monkeypatch):
+    """`mc:<task>` runs the DP on multiple-choice error; the table still covers every depth."""
+    from amoeba_export.evaluation import tasks
+    from amoeba_export.plan import PlanConfig, build_plan
+
+    examples = tuple(tasks.MCExample(f"Q: item {i} is", (" red", " blue", " green"), frozenset({i % 3}))
+                     for i in range(9))
+    monkeypatch.setattr(tasks, "load_bigbench_task", lambda name: tasks.MCTask(name, "toy", examples))
+    plan = build_plan(tiny_dir, PlanConfig(seq_len=64, width_tokens=512, depth_tokens=256, round_to=8,
+                                           depth_metric="mc:toy"), progress=False, calibration=tiny_calibration)
+    n = plan.dims.num_layers
+    assert plan.stats["dp_metric"] == "mc:toy"
+    assert all(0.0 <= v <= 1.0 for v in plan.stats["dp_calibration_loss"].values())
+    assert sorted(plan.depth_table) == list(range(n - len(plan.stats["dp_calibration_loss"]) + 1, n + 1))
