@@ -4,7 +4,10 @@ Depth: perplexity with 25 % and 50 % of the layers removed, DP vs Block Influenc
 Width: ratios 0.75 / 0.5, global vs uniform, with and without bias compensation.
 All shapes are run by the elastic model (identical to the extracted subnet within 1e-4).
 
-    python bench/selection_quality.py [--tokens 2048]
+Held-out rows are spread evenly over the split (alice29.txt and the held-out Wikipedia articles), not taken
+from its start (alice29's Gutenberg header and table of contents).
+
+    python bench/selection_quality.py [--tokens 4096]
 """
 
 from __future__ import annotations
@@ -25,13 +28,13 @@ from amoeba_export.plan import load_elastic
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="default")
-    ap.add_argument("--tokens", type=int, default=2048, help="held-out tokens per perplexity")
+    ap.add_argument("--tokens", type=int, default=4096, help="held-out tokens per perplexity")
     args = ap.parse_args()
 
     model_dir = resolve_model(args.model)
     plan_dir = cache_subdir("demo") / "plan"
     plan = ensure_plan(model_dir, plan_dir)
-    rows = chunks(split_tokens("heldout", load_tokenizer(model_dir)), 512, args.tokens)
+    rows = chunks(split_tokens("heldout", load_tokenizer(model_dir)), 512, args.tokens, spread=True)
     elastic, _ = load_elastic(plan_dir, compensate=True)
     attn_means = [b.attn_in_mean for b in elastic.layers]
     mlp_means = [b.mlp_in_mean for b in elastic.layers]
