@@ -1,11 +1,15 @@
 # Two entry points: `make demo` (set up + the main job on the shipped model) and `make test`.
+# The main job: plan → subnets table → a short elastic fine-tune → deploy to the laptop (GGUF) and the
+# 8 GB phone (ExecuTorch) targets, ending with the reports' paths. Every stage is cached and resumable.
+DEMO_TARGETS ?= laptop android-8gb
+DEMO_FINETUNE_STEPS ?= 10
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # llama.cpp's multimodal library is not needed: skipping it cuts the llama-cpp-python build from ≈19 to ≈7 min.
 export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
 
-.PHONY: setup demo deploy-demo test test-fast lint
+.PHONY: setup demo test test-fast lint
 
 setup: $(VENV)/.installed
 
@@ -20,11 +24,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(VENV)/bin/amoeba demo
-
-# The demo, then a deploy of the chosen model to the laptop (GGUF) and 8 GB phone (ExecuTorch) targets.
-deploy-demo: setup
-	$(VENV)/bin/amoeba demo --deploy laptop android-8gb
+	$(VENV)/bin/amoeba demo --deploy $(DEMO_TARGETS) --finetune-steps $(DEMO_FINETUNE_STEPS)
 
 test: setup
 	$(PY) -m pytest -q

@@ -24,5 +24,6 @@ def run(args: argparse.Namespace) -> int:
 
         reports = deploy_demo(args.model, targets=tuple(args.deploy) or DEMO_TARGETS,
                               finetune_steps=args.finetune_steps)
-        print("report:", reports[-1])
+        for target, report in zip(tuple(args.deploy) or DEMO_TARGETS, reports):
+            print(f"report ({target}): {report}")
     return 0
