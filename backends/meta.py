@@ -84,10 +84,20 @@ def tool_versions(*dists: str) -> dict[str, str]:
 
 
 def peak_rss_gb() -> float:
-    """Peak resident memory of this process and its finished children (GiB; Linux reports KiB)."""
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return round(max(own, children) / 2**20, 3)
+    """Peak resident memory of this process (GiB), from ``VmHWM``.
+
+    Not ``getrusage().ru_maxrss``: Linux carries it across fork and exec, so a worker started by a process
+    holding 4 GB reports at least 4 GB whatever it used itself. ``VmHWM`` belongs to the address space,
+    which exec replaces. Exports and benchmarks here run in-process (no child processes to add).
+    """
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 2**20, 3)  # kB
+    except OSError:
+        pass
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)  # non-Linux fallback
 
 
 def copy_tokenizer(hf_dir: str | Path, dest: str | Path) -> list[str]:

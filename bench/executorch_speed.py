@@ -5,8 +5,11 @@ own), validated against the PyTorch model (top-1 agreement, KL, perplexity ratio
 the full 8da4w .pte and the subnet's 8da4w .pte, benchmarked with the shared harness (prefill / decode
 tok/s, fraction of the memory-bandwidth bound). Lowering is slow: the full run takes about an hour on 2 cores.
 
-usage: python bench/executorch_speed.py [--recipes fp32,8da4w,8da4w-head4,8da8w] [--subnet DIR | --plan DIR]
-       [--out DIR] [--max-tokens 1024] [--threads N]
+The speed comparisons use --speed-recipe (default 8da4w-attn, the 4-bit recipe that passes its gate on
+SmolLM2-135M); the RESULT's q8da4w_* figures are the all-int4 8da4w recipe's, q8da4w_attn_* the speed recipe's.
+
+usage: python bench/executorch_speed.py [--recipes fp32,8da4w,8da4w-attn,8da8w] [--speed-recipe 8da4w-attn]
+       [--subnet DIR | --plan DIR] [--out DIR] [--max-tokens 1024] [--threads N]
 """
 
 from __future__ import annotations
@@ -65,7 +68,8 @@ def _subnet(args, hf: Path, work: Path) -> tuple[Path, str]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--export-one", nargs=4, help=argparse.SUPPRESS)
-    p.add_argument("--recipes", default="fp32,8da4w,8da4w-head4,8da8w")
+    p.add_argument("--recipes", default="fp32,8da4w,8da4w-attn,8da8w")
+    p.add_argument("--speed-recipe", default="8da4w-attn", help="recipe of the .pte files benchmarked for speed")
     p.add_argument("--subnet", help="≈50 %% subnet HF folder (default: extract from --plan, else a slice)")
     p.add_argument("--plan", help="plan folder for extract_subnet")
     p.add_argument("--depth", type=int, default=20, help="subnet depth with --plan")
@@ -91,8 +95,10 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     threads = args.threads or default_threads()
     recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
-    if "8da4w" not in recipes:
-        recipes.append("8da4w")
+    for needed in ("8da4w", args.speed_recipe):
+        if needed not in recipes:
+            recipes.append(needed)
+    sr = args.speed_recipe
 
     rows = {}
     for quant in recipes:
@@ -108,15 +114,15 @@ def main() -> int:
         print(f"{quant}: {json.dumps(rows[quant])}", flush=True)
 
     sub, how = _subnet(args, hf, work)
-    _export(sub, work / "subnet-8da4w", "8da4w", args.max_context)
+    _export(sub, work / f"subnet-{sr}", sr, args.max_context)
     pt = work / "full-pytorch"
     if not (pt / "meta.json").is_file():
         get_backend("pytorch").export(hf, pt, "F32", force=True)
 
     bandwidth = measure_bandwidth(threads)
     speed = {name: bench_artifact(path, threads=threads, repeats=args.repeats, bandwidth=bandwidth)
-             for name, path in (("pytorch", pt), ("full-8da4w", work / "full-8da4w"),
-                                ("subnet-8da4w", work / "subnet-8da4w"))}
+             for name, path in (("pytorch", pt), (f"full-{sr}", work / f"full-{sr}"),
+                                (f"subnet-{sr}", work / f"subnet-{sr}"))}
 
     def med(name, metric):
         return speed[name]["metrics"][metric]["median"]
@@ -132,19 +138,25 @@ def main() -> int:
     from amoeba_export.backends.meta import model_summary
 
     param_fraction = model_summary(sub)["params"] / model_summary(hf)["params"]
-    speedup = med("subnet-8da4w", "decode_tok_s") / med("full-8da4w", "decode_tok_s")
+    speedup = med(f"subnet-{sr}", "decode_tok_s") / med(f"full-{sr}", "decode_tok_s")
     result = {
         "speedup_50pct": speedup,
         "subnet": how,
         "subnet_param_fraction": param_fraction,
-        "decode_vs_pytorch": med("full-8da4w", "decode_tok_s") / med("pytorch", "decode_tok_s"),
-        "prefill_vs_pytorch": med("full-8da4w", "prefill_tok_s") / med("pytorch", "prefill_tok_s"),
+        "speed_recipe": sr,
+        "decode_vs_pytorch": med(f"full-{sr}", "decode_tok_s") / med("pytorch", "decode_tok_s"),
+        "prefill_vs_pytorch": med(f"full-{sr}", "prefill_tok_s") / med("pytorch", "prefill_tok_s"),
         "fp32_top1": rows.get("fp32", {}).get("top1_agreement"),
         "q8da4w_ppl_ratio": rows["8da4w"]["ppl_ratio"],
         "q8da4w_top1": rows["8da4w"]["top1_agreement"],
         "q8da4w_kl": rows["8da4w"]["mean_kl"],
-        "bound_fraction": speed["full-8da4w"]["bound_fraction"],
-        "bound_fraction_subnet": speed["subnet-8da4w"]["bound_fraction"],
+        "q8da4w_gate_passed": rows["8da4w"]["gate_passed"],
+        "q8da4w_attn_ppl_ratio": rows[sr]["ppl_ratio"],
+        "q8da4w_attn_top1": rows[sr]["top1_agreement"],
+        "q8da4w_attn_kl": rows[sr]["mean_kl"],
+        "q8da4w_attn_gate_passed": rows[sr]["gate_passed"],
+        "bound_fraction": speed[f"full-{sr}"]["bound_fraction"],
+        "bound_fraction_subnet": speed[f"subnet-{sr}"]["bound_fraction"],
         "export_peak_rss_gb": max(r["export_peak_rss_gb"] for r in rows.values()),
         "recipes": rows,
         "threads": threads,

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import sys
 import time
@@ -25,7 +24,9 @@ import torch
 
 
 def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2  # KiB on Linux
+    from amoeba_export.backends.meta import peak_rss_gb as own_peak
+
+    return own_peak()
 
 
 def finished_run(run: Path, config) -> bool:

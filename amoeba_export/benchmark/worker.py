@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import sys
 import threading
 import time
@@ -21,7 +20,9 @@ def _rss_gb() -> float:
 
 
 def _peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+    from amoeba_export.backends.meta import peak_rss_gb
+
+    return peak_rss_gb()
 
 
 def run_generation(job: dict[str, Any]) -> dict[str, Any]:

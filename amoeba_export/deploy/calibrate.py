@@ -21,7 +21,7 @@ from ..artifacts import write_json
 from ..paths import cache_subdir
 from ..shape import Shape
 
-CALIBRATION_VERSION = 1
+CALIBRATION_VERSION = 2  # 2: peak RSS from VmHWM (1 inherited the parent's RSS)
 
 
 @dataclass(frozen=True)

@@ -150,7 +150,20 @@ def _eager_reference(hf_dir, recipe_name, ids):
 # recipe -> max |Δlogit| allowed vs torchao eager, as a fraction of the eager logits' largest magnitude.
 # XNNPACK's dynamic int8 activation quantization rounds differently from torchao's eager ops: measured
 # ≈ 0.1 absolute for int4 weights and ≈ 0.012 for int8 weights, on logits of magnitude ≈ 4.
-RECIPE_TOLERANCE = {"8da4w": 0.06, "8da4w-g128": 0.06, "8da4w-head4": 0.06, "8da8w": 0.01}
+RECIPE_TOLERANCE = {"8da4w": 0.06, "8da4w-attn": 0.06, "8da4w-g128": 0.06, "8da4w-head4": 0.06, "8da8w": 0.01}
+
+
+def test_mixed_recipe_keeps_the_listed_projections_in_8_bit(stock_dir):
+    from amoeba_export.backends.executorch.module import StaticCacheLM
+    from amoeba_export.backends.executorch.recipes import get_recipe, plan_linears
+    from amoeba_export.modelio import load_model
+
+    module = StaticCacheLM(load_model(stock_dir), CTX)
+    plan, _ = plan_linears(module, get_recipe("8da4w-attn"))
+    by_proj = {fqn.rsplit(".", 1)[-1]: scheme for fqn, (scheme, _) in plan.items()}
+    assert {p: by_proj[p] for p in ("v_proj", "gate_proj", "up_proj", "down_proj", "lm_head")} == dict.fromkeys(
+        ("v_proj", "gate_proj", "up_proj", "down_proj", "lm_head"), "8da8w")
+    assert all(s == "8da4w" for fqn, (s, g) in plan.items() if fqn.endswith(("q_proj", "o_proj")) and g)
 
 
 @pytest.mark.parametrize("recipe", sorted(RECIPE_TOLERANCE))
