@@ -47,7 +47,11 @@ def frontier_plot(result: SearchResult, path: Path) -> Path:
     ax.set_xlabel("parameters (millions)")
     ax.set_ylabel(f"held-out perplexity ({result.eval_tokens} tokens)")
     ax.set_yscale("log")
-    ax.set_title(f"{result.target['name']}: {result.target['backend']}/{result.target['quant']}")
+    # Budgets no candidate breaks have no line to draw; the title still states every one.
+    budgets = ", ".join(f"{b} {'≤' if b.startswith('max') else '≥'} {result.target['budgets'][b]:g}"
+                        for b in result.target["budgets_set"])
+    ax.set_title(f"{result.target['name']}: {result.target['backend']}/{result.target['quant']}"
+                 + (f"\nbudgets: {budgets}" if budgets else ""), fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
