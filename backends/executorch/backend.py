@@ -145,7 +145,7 @@ class ExecuTorchBackend(Backend):
     quant_types = tuple(RECIPES)
     default_quant = "8da4w-attn"  # passes its gate on small models; all-int4 "8da4w" does not
 
-    def export(self, hf_dir: Path, out_dir: Path, quant: str = "8da4w", *, force: bool = False,
+    def export(self, hf_dir: Path, out_dir: Path, quant: str = "8da4w-attn", *, force: bool = False,
                max_context: int = DEFAULT_MAX_CONTEXT, group_fallback: bool = True, **options: Any) -> Artifact:
         """Options: ``max_context`` (KV-cache length), ``group_fallback`` (False: an indivisible width is an error)."""
         if options:
