@@ -1,0 +1,94 @@
+"""Which ExecuTorch quantization recipe keeps SmolLM2-135M accurate? A sweep in torchao eager (minutes, no lowering).
+
+Each recipe (the shipped ones and variants with more projections kept in 8 bits) is applied with
+``apply_recipe`` to the exportable static-cache module and compared with the fp32 module on held-out text:
+top-1 agreement, mean KL(fp32 || quantized) and perplexity ratio — the validator's metrics. The lowered
+``.pte`` matches torchao eager within the tolerances tests/backends/test_executorch.py checks, so this
+picks recipes without paying ≈ 10 min of XNNPACK lowering each; bench/executorch_speed.py then measures the
+chosen ones as ``.pte`` files. Ends with one line ``RESULT {json}``.
+
+    python bench/executorch_recipe_sweep.py [--tokens 1024] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+
+import torch
+
+ATTN_QKO = ("v_proj", "gate_proj", "up_proj", "down_proj")  # kept 8-bit by 8da4w-attn
+
+
+def variants():
+    from amoeba_export.backends.executorch.recipes import RECIPES
+
+    base = RECIPES["8da4w"]
+    return {
+        "8da4w-head4": RECIPES["8da4w-head4"],
+        "8da4w": base,
+        "8da4w + down 8-bit": dataclasses.replace(base, keep_8bit=("down_proj",)),
+        "8da4w + down,v 8-bit": dataclasses.replace(base, keep_8bit=("down_proj", "v_proj")),
+        "8da4w + down,o,v 8-bit": dataclasses.replace(base, keep_8bit=("down_proj", "o_proj", "v_proj")),
+        "8da4w-attn (q,k,o int4)": RECIPES["8da4w-attn"],
+        "q,k int4 only": dataclasses.replace(base, keep_8bit=ATTN_QKO + ("o_proj",)),
+        "8da8w": RECIPES["8da8w"],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=1024, help="held-out tokens (rows of 256, as the validator)")
+    ap.add_argument("--threads", type=int)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from amoeba_export.backends.executorch.module import StaticCacheLM
+    from amoeba_export.backends.executorch.recipes import RECIPES, apply_recipe
+    from amoeba_export.data import chunks, split_tokens
+    from amoeba_export.deploy.sizing import executorch_weight_bytes, subnet_tensors
+    from amoeba_export.modelio import load_model, load_tokenizer
+    from amoeba_export.resources import default_model_dir
+    from amoeba_export.shape import ModelDims, Shape
+
+    hf = default_model_dir()
+    rows = chunks(split_tokens("heldout", load_tokenizer(hf)), 256, args.tokens)
+
+    def logits(module) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.stack([module(r[None], torch.tensor([0]))[0].float() for r in rows])
+
+    def ppl(lg: torch.Tensor) -> float:
+        flat = lg[:, :-1].reshape(-1, lg.shape[-1])
+        return torch.nn.functional.cross_entropy(flat, rows[:, 1:].reshape(-1)).exp().item()
+
+    model = load_model(hf)
+    dims = ModelDims.from_config(model.config)
+    tensors = subnet_tensors(dims, Shape.full(dims), compensate=False)
+    ref = logits(StaticCacheLM(model, 256).eval())
+    ref_logp = torch.log_softmax(ref, -1)
+    results = []
+    print(f"{'recipe':<26} {'weights MB':>10} {'top1':>6} {'KL':>7} {'ppl ratio':>9}")
+    for name, recipe in variants().items():
+        module = StaticCacheLM(load_model(hf), 256).eval()
+        with torch.no_grad():
+            apply_recipe(module, recipe)
+        q_logp = torch.log_softmax(logits(module), -1)
+        row = {"recipe": name, "keep_8bit": list(recipe.keep_8bit),
+               # priced for shipped recipes only (sizing looks recipes up by name)
+               "weight_mb": executorch_weight_bytes(tensors, recipe.name, tied=dims.tied_embeddings) / 1e6
+               if RECIPES.get(recipe.name) == recipe else None,
+               "top1": (ref.argmax(-1) == q_logp.argmax(-1)).float().mean().item(),
+               "kl": (ref_logp.exp() * (ref_logp - q_logp)).sum(-1).mean().item(),
+               "ppl_ratio": ppl(q_logp) / ppl(ref)}
+        results.append(row)
+        mb = "-" if row["weight_mb"] is None else f"{row['weight_mb']:.1f}"
+        print(f"{name:<26} {mb:>10} {row['top1']:6.3f} {row['kl']:7.4f} {row['ppl_ratio']:9.4f}", flush=True)
+    print("RESULT " + json.dumps({"model": "SmolLM2-135M-Instruct", "tokens": int(rows.numel()),
+                                  "threads": torch.get_num_threads(), "recipes": results}))
+
+
+if __name__ == "__main__":
+    main()
