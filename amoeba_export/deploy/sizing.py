@@ -184,10 +184,7 @@ def executorch_weight_bytes(tensors: list[Tensor], quant: str, *, tied: bool) ->
         if t.kind == "embed":
             total += t.numel + 4 * t.shape[0] if recipe.embedding == "int8" else 4 * t.numel
             continue
-        scheme = recipe.head if t.kind == "head" else recipe.linear
-        if scheme == "8da4w" and t.kind != "head" and recipe.keep_8bit and \
-                t.name.removesuffix(".weight").endswith(recipe.keep_8bit):
-            scheme = "8da8w"
+        scheme = recipe.scheme_for("lm_head" if t.kind == "head" else t.name.removesuffix(".weight"))
         out_f, in_f = t.shape
         if scheme is None:
             total += 4 * t.numel

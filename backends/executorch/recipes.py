@@ -33,6 +33,14 @@ class Recipe:
     keep_8bit: tuple[str, ...] = ()  # decoder linears (module-name suffixes) in 8da8w under an 8da4w recipe
     version: int = RECIPE_VERSION
 
+    def scheme_for(self, module: str) -> str | None:
+        """The scheme of the linear called ``module`` (``lm_head`` or a decoder projection), before group fallback."""
+        if module == "lm_head":
+            return self.head
+        if self.linear == "8da4w" and self.keep_8bit and module.endswith(self.keep_8bit):
+            return "8da8w"
+        return self.linear
+
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("fp32", None, None, None, description="no quantization"),
@@ -99,11 +107,9 @@ def plan_linears(model: nn.Module, recipe: Recipe, *, group_fallback: bool = Tru
     for fqn, mod in model.named_modules():
         if not isinstance(mod, nn.Linear):
             continue
-        scheme = recipe.head if fqn == "lm_head" else recipe.linear
+        scheme = recipe.scheme_for(fqn)
         if scheme is None:
             continue
-        if scheme == "8da4w" and fqn != "lm_head" and recipe.keep_8bit and fqn.endswith(recipe.keep_8bit):
-            scheme = "8da8w"
         group = recipe.group_size if scheme == "8da4w" else None
         if group is not None and mod.in_features % group:
             if not group_fallback:
