@@ -155,17 +155,23 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256((vocab + str(tokenizer(probe)["input_ids"])).encode()).hexdigest()[:16]
 
 
-def split_tokens(split: str, tokenizer) -> torch.Tensor:
-    """All documents of ``split`` tokenized and concatenated (EOS between documents), cached."""
+def split_tokens(split: str, tokenizer, *, source: str | None = None) -> torch.Tensor:
+    """All documents of ``split`` (only those named ``source/...`` when given) tokenized and concatenated
+    (EOS between documents), cached."""
     import torch
     from safetensors.torch import load_file, save_file
 
     folder = cache_subdir("data", f"tokens-v{DATA_VERSION}-{tokenizer_fingerprint(tokenizer)}")
-    path = folder / f"{split}.safetensors"
+    stem = split if source is None else f"{split}-{source}"
+    path = folder / f"{stem}.safetensors"
     if not path.is_file():
         eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+        docs = [d for d in split_documents(split) if source is None or d["name"].startswith(f"{source}/")]
+        if not docs:
+            raise DataError(f"the {split} split holds no {source!r} documents",
+                            fix="name a source of data.py's corpus: canterbury, wikipedia or shakespeare")
         ids: list[int] = []
-        for doc in split_documents(split):
+        for doc in docs:
             ids.extend(tokenizer(doc["text"], add_special_tokens=False)["input_ids"])
             ids.append(eos)
         tmp = path.with_suffix(".tmp")
@@ -173,7 +179,7 @@ def split_tokens(split: str, tokenizer) -> torch.Tensor:
         tmp.replace(path)
         counts_path = folder / "meta.json"
         counts = json.loads(counts_path.read_text()) if counts_path.is_file() else {"kind": "token_splits"}
-        counts.setdefault("tokens", {})[split] = len(ids)
+        counts.setdefault("tokens", {})[stem] = len(ids)
         counts_path.write_text(json.dumps(counts, indent=2))
     return load_file(str(path))["ids"].long()
 
@@ -207,13 +213,15 @@ def text_file_tokens(path: str | Path, tokenizer) -> torch.Tensor:
 
 
 def chunks(tokens: torch.Tensor, seq_len: int, max_tokens: int | None = None, *,
-           spread: bool = False) -> torch.Tensor:
+           spread: bool = False, margins: bool = False) -> torch.Tensor:
     """Non-overlapping ``[n, seq_len]`` rows of a token stream (a short tail is dropped).
 
     By default the rows come from the start of the stream. ``spread=True`` takes them at evenly spaced
     offsets over the whole stream instead: a split concatenates documents, so its first tokens are one
     document's front matter (a Gutenberg header, a table of contents) and a small budget taken from the
-    start would judge a model on that alone.
+    start would judge a model on that alone. Plain ``spread`` still puts the first row on the stream's
+    first aligned window and the last on its last; ``margins=True`` leaves ``n + 1`` equal gaps around the
+    ``n`` rows, so neither end of the stream is read unless the budget needs (nearly) all of it.
     """
     import torch
 
@@ -224,6 +232,60 @@ def chunks(tokens: torch.Tensor, seq_len: int, max_tokens: int | None = None, *,
         raise DataError(f"need at least {seq_len} tokens, have {total}", fix="use a shorter --seq-len")
     if not spread:
         return tokens[: n * seq_len].view(n, seq_len)
-    slots = total // seq_len  # aligned windows, so rows never overlap
-    starts = torch.linspace(0, slots - 1, n).round().long() * seq_len
-    return torch.stack([tokens[s: s + seq_len] for s in starts.tolist()])
+    if margins:
+        free = total - n * seq_len  # tokens no row reads, shared out as n + 1 (floored) equal gaps
+        starts = [i * seq_len + (i + 1) * free // (n + 1) for i in range(n)]
+    else:
+        slots = total // seq_len  # aligned windows, so rows never overlap
+        starts = (torch.linspace(0, slots - 1, n).round().long() * seq_len).tolist()
+    return torch.stack([tokens[s: s + seq_len] for s in starts])
+
+
+# Texts a measurement can name: split, source within it (None: the whole split), how a quoted figure names it.
+# "shakespeare" is the second, unrelated text of bench/selection_quality.py: verse drama, in no split a plan
+# calibrates on (document-level splits), unlike the held-out split's novel and encyclopedia prose.
+TEXTS: dict[str, tuple[str, str | None, str]] = {
+    "heldout": ("heldout", None, "the held-out split (alice29.txt and every 10th Wikipedia article)"),
+    "calibration": ("calibration", None, "the calibration split (lcet10.txt and Wikipedia articles)"),
+    "train": ("train", None, "the train split"),
+    "shakespeare": ("train", "shakespeare", "Shakespeare's plays (train split, never calibrated on)"),
+}
+
+
+@dataclass(frozen=True)
+class MeasurementRows:
+    """Token rows a figure is measured on, and what to say about them when the figure is quoted."""
+
+    rows: torch.Tensor  # [n, seq_len] token ids
+    text: str  # what the rows were read from
+    available: int  # tokens in that text
+
+    @property
+    def tokens(self) -> int:
+        return int(self.rows.numel())
+
+    def label(self) -> str:
+        n, seq_len = self.rows.shape
+        return (f"{self.tokens:,} tokens of {self.text} ({n} rows of {seq_len} spread over its "
+                f"{self.available:,})")
+
+    def quote(self, ppl: float) -> str:
+        return f"perplexity {ppl:.3f} over {self.label()}"
+
+
+def measurement_rows(text: str | Path, tokenizer, seq_len: int, max_tokens: int | None) -> MeasurementRows:
+    """The rows every measurement reads (perplexity, validation, choosing a shape by calibration loss).
+
+    ``text`` is a name of :data:`TEXTS` or, as a :class:`~pathlib.Path`, a user's .txt/.jsonl file. Rows are
+    spread over the whole text with margins (see :func:`chunks`), so a small budget never reads only its
+    first document's front matter — alice29.txt's Gutenberg header, lcet10.txt's table of contents.
+    """
+    if isinstance(text, Path):
+        stream, label = text_file_tokens(text, tokenizer), str(text)
+    elif text in TEXTS:
+        split, source, label = TEXTS[text]
+        stream = split_tokens(split, tokenizer, source=source)
+    else:
+        raise DataError(f"unknown text {text!r}", fix=f"name one of {', '.join(TEXTS)} or pass a file's Path")
+    rows = chunks(stream, seq_len, max_tokens, spread=True, margins=True)
+    return MeasurementRows(rows, label, int(stream.numel()))

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .artifacts import read_meta
-from .data import chunks, split_tokens
+from .data import measurement_rows
 from .errors import CheckpointError
 from .evaluation.perplexity import hf_logits_fn, perplexity
 from .modelio import load_model, load_tokenizer, resolve_model
@@ -29,6 +29,7 @@ class Row:
     ppl: float
     seconds: float
     extract_seconds: float | None
+    ppl_text: str = ""  # the rows ``ppl`` was measured on (MeasurementRows.label)
 
 
 def ensure_plan(model_dir: Path, plan_dir: Path):
@@ -70,7 +71,8 @@ def run_demo(model: str | None = None, *, eval_tokens: int = 2048, speed_tokens:
     work = cache_subdir("demo")
     plan = ensure_plan(model_dir, work / "plan")
     tok = load_tokenizer(model_dir)
-    heldout = chunks(split_tokens("heldout", tok), 512, eval_tokens)
+    measured = measurement_rows("heldout", tok, 512, eval_tokens)
+    heldout = measured.rows
     elastic, _ = load_elastic(work / "plan")
     full_params = plan.params_for(plan.full_shape(), compensate=False)
 
@@ -93,7 +95,7 @@ def run_demo(model: str | None = None, *, eval_tokens: int = 2048, speed_tokens:
             ppl = perplexity(hf_logits_fn(m), heldout)
         secs = forward_seconds(m, heldout[:1, :speed_tokens])
         name = read_meta(folder).get("shape", {}).get("name", "full") if extract_s is not None else "full"
-        rows.append(Row(name, sum(p.numel() for p in m.parameters()), ppl, secs, extract_s))
+        rows.append(Row(name, sum(p.numel() for p in m.parameters()), ppl, secs, extract_s, measured.label()))
         del m
     return rows
 
@@ -105,4 +107,6 @@ def format_table(rows: list[Row]) -> str:
         ext = "-" if r.extract_seconds is None else f"{r.extract_seconds:.2f}"
         lines.append(f"{r.name:<26} {r.params:>12,} {100 * r.params / full.params:>6.1f}% {r.ppl:>13.2f} "
                      f"{full.seconds / r.seconds:>12.2f}× {ext:>10}")
+    if full.ppl_text:
+        lines.append(f"held-out ppl: perplexity over {full.ppl_text}")
     return "\n".join(lines)

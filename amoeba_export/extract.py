@@ -211,9 +211,9 @@ def extract_subnet(source: str | Path, out: str | Path, *, depth: int | None = N
 def pick_for_params(elastic: ElasticLM, plan, params: int, mode: str = "global", *,
                     calibration_tokens: int = 512) -> Shape:
     """Among the widest shape of each depth within ``params``, the one with the best calibration loss."""
-    from .data import chunks, split_tokens
+    from .data import measurement_rows
     from .modelio import load_tokenizer
     from .plan.select import rank_shapes
 
-    rows = chunks(split_tokens("calibration", load_tokenizer(plan.model_dir)), 256, calibration_tokens)
+    rows = measurement_rows("calibration", load_tokenizer(plan.model_dir), 256, calibration_tokens).rows
     return rank_shapes(elastic, plan.shapes_for_params(params, mode), rows)[0][1]

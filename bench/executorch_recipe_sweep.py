@@ -47,14 +47,14 @@ def main() -> None:
 
     from amoeba_export.backends.executorch.module import StaticCacheLM
     from amoeba_export.backends.executorch.recipes import RECIPES, apply_recipe
-    from amoeba_export.data import chunks, split_tokens
+    from amoeba_export.data import measurement_rows
     from amoeba_export.deploy.sizing import executorch_weight_bytes, subnet_tensors
     from amoeba_export.modelio import load_model, load_tokenizer
     from amoeba_export.resources import default_model_dir
     from amoeba_export.shape import ModelDims, Shape
 
     hf = default_model_dir()
-    rows = chunks(split_tokens("heldout", load_tokenizer(hf)), 256, args.tokens)
+    rows = measurement_rows("heldout", load_tokenizer(hf), 256, args.tokens).rows
 
     def logits(module) -> torch.Tensor:
         with torch.no_grad():

@@ -53,7 +53,7 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from amoeba_export.data import chunks, split_tokens
+    from amoeba_export.data import measurement_rows
     from amoeba_export.evaluation.perplexity import perplexity
     from amoeba_export.finetune.checkpoint import load_trained_elastic
     from amoeba_export.finetune.config import SMoLConfig, TrainConfig
@@ -80,7 +80,7 @@ def main() -> int:
     plan_seconds = time.perf_counter() - started
 
     tok = load_tokenizer(model_dir)
-    rows = chunks(split_tokens("heldout", tok), args.seq_len, args.eval_tokens)
+    rows = measurement_rows("heldout", tok, args.seq_len, args.eval_tokens).rows
     depths = sorted(plan.depth_table)
     mid = depths[len(depths) // 2]
     shapes = [plan.shape(depths[-1], 1.0), plan.shape(depths[-1], 0.75), plan.shape(mid, 0.625),

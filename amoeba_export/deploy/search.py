@@ -22,7 +22,7 @@ from ..targets import TargetProfile
 from .calibrate import Calibration, calibrate
 from .sizing import kv_cache_bytes, weight_bytes
 
-SEARCH_VERSION = 1
+SEARCH_VERSION = 2  # 2: held-out rows spread over the split (1 read its first tokens: a Gutenberg header)
 MB = 1e6
 BUDGET_UNITS = {"max_file_mb": "MB", "max_memory_mb": "MB", "min_decode_tok_s": "tok/s"}
 
@@ -61,6 +61,7 @@ class SearchResult:
     eval_tokens: int
     seconds: dict[str, float]
     version: int = SEARCH_VERSION
+    ppl_text: str = ""  # the rows every candidate's perplexity was measured on (MeasurementRows.label)
 
     @property
     def best(self) -> Candidate | None:
@@ -90,6 +91,8 @@ class SearchResult:
             mark = "CHOSEN" if self.best is c else ("ok" if c.feasible else "breaks " + ",".join(c.breaks))
             lines.append(f"{c.name:<24} {c.params:>12,} {c.ppl:>9.3f} {c.file_bytes / MB:>9.2f} "
                          f"{c.memory_bytes / MB:>8.1f} {c.decode_tok_s:>8.1f}  {mark}{' *' if c.frontier else ''}")
+        if self.ppl_text:
+            lines.append(f"ppl: perplexity over {self.ppl_text}")
         return "\n".join(lines)
 
 
@@ -123,7 +126,8 @@ class PerplexityCache:
     """Held-out perplexity per (source, shape, tokens), persisted as one JSON file per source."""
 
     def __init__(self, sid: str, eval_tokens: int, seq_len: int) -> None:
-        self.path = cache_subdir("deploy", "ppl") / f"{sid}.json"
+        # Versioned: figures measured on rows of an older SEARCH_VERSION are never reused.
+        self.path = cache_subdir("deploy", f"ppl-v{SEARCH_VERSION}") / f"{sid}.json"
         self.suffix = f"|{eval_tokens}|{seq_len}"
         self.data = json.loads(self.path.read_text()) if self.path.is_file() else {}
 
@@ -139,28 +143,28 @@ class PerplexityCache:
 
 
 def measure_perplexities(elastic, plan, shapes: list[Shape], cache: PerplexityCache, *, eval_tokens: int,
-                         seq_len: int, progress: bool = True) -> list[float]:
+                         seq_len: int, progress: bool = True) -> tuple[list[float], str]:
+    """Held-out perplexity of each shape (cached), and the label of the rows they were measured on."""
     import torch
     from tqdm.auto import tqdm
 
-    from ..data import chunks, split_tokens
+    from ..data import measurement_rows
     from ..evaluation.perplexity import perplexity
     from ..extract import prepare_shape
     from ..modelio import load_tokenizer
 
-    rows = None
+    # Tokenizing is cached, so reading the rows when every figure is cached costs little; it gives the label.
+    measured = measurement_rows("heldout", load_tokenizer(plan.model_dir), seq_len, eval_tokens)
     out = []
     for shape in tqdm(shapes, desc="held-out ppl", unit="shape", disable=not progress):
         value = cache.get(shape)
         if value is None:
-            if rows is None:
-                rows = chunks(split_tokens("heldout", load_tokenizer(plan.model_dir)), seq_len, eval_tokens)
             prepare_shape(elastic, shape)
             with torch.no_grad():
-                value = perplexity(lambda ids, s=shape: elastic(ids, s), rows)
+                value = perplexity(lambda ids, s=shape: elastic(ids, s), measured.rows)
             cache.put(shape, value)
         out.append(value)
-    return out
+    return out, measured.label()
 
 
 def calibration_shapes(shapes: list[Shape], params: list[int], points: int = 2) -> list[Shape]:
@@ -196,7 +200,7 @@ def search(source: str | Path, profile: TargetProfile, *, eval_tokens: int = 102
     shapes = candidate_shapes(plan, profile.width_modes, profile.max_candidates)
     params = [s.num_params(dims, bias=compensate) for s in shapes]
     t_load = time.perf_counter()
-    ppls = measure_perplexities(elastic, plan, shapes, PerplexityCache(sid, eval_tokens, seq_len),
+    ppls, ppl_text = measure_perplexities(elastic, plan, shapes, PerplexityCache(sid, eval_tokens, seq_len),
                                 eval_tokens=eval_tokens, seq_len=seq_len, progress=progress)
     t_ppl = time.perf_counter()
 
@@ -239,7 +243,7 @@ def search(source: str | Path, profile: TargetProfile, *, eval_tokens: int = 102
     target = {**profile.to_dict(), "budgets_set": [b for b, _ in budgets.items()]}
     return SearchResult(
         target=target, source=str(source), candidates=tuple(candidates), chosen=chosen, closest=closest,
-        calibration=cal.to_dict(), eval_tokens=eval_tokens,
+        calibration=cal.to_dict(), eval_tokens=eval_tokens, ppl_text=ppl_text,
         seconds={"load": round(t_load - t0, 2), "perplexity": round(t_ppl - t_load, 2),
                  "calibration": round(t_cal - t_ppl, 2), "calibration_cached_run": cal.seconds,
                  "total": round(time.perf_counter() - t0, 2)})

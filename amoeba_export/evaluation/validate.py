@@ -199,13 +199,11 @@ def validate_runners(ref_runner, runner, tokenizer, token_rows: np.ndarray, *, p
 
 
 def _token_rows(tokenizer, text_file, seq_len: int, max_tokens: int) -> tuple[np.ndarray, str]:
-    from amoeba_export.data import chunks, split_tokens, text_file_tokens
+    from amoeba_export.data import measurement_rows
 
-    if text_file is not None:
-        tokens, label = text_file_tokens(text_file, tokenizer), str(text_file)
-    else:
-        tokens, label = split_tokens("heldout", tokenizer), "held-out split"
-    return chunks(tokens, seq_len, max_tokens).numpy(), label
+    measured = measurement_rows(Path(text_file) if text_file is not None else "heldout", tokenizer, seq_len,
+                                max_tokens)
+    return measured.rows.numpy(), f"{measured.text} (rows spread over its {measured.available:,} tokens)"
 
 
 def validate_artifact(artifact_dir: str | Path, reference_hf_dir: str | Path, *, text_file: str | Path | None = None,
