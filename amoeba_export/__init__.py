@@ -1,9 +1,9 @@
 """amoeba-export: elastic subnets of Llama-family LLMs, exported to GGUF, ONNX and ExecuTorch.
 
-Importing the package registers the per-layer-width model class (``amoeba_llama``) with transformers'
-Auto classes, so extracted subnets load with ``AutoModelForCausalLM.from_pretrained``.
+The package itself imports nothing heavy, so the child processes that host a native runtime (see
+``backends/isolation.py``) and the CLI start quickly. Importing ``amoeba_export.hf`` registers the per-layer-width
+model class (``amoeba_llama``) with transformers' Auto classes; every loader in ``modelio`` does that first, and
+extracted folders also load anywhere with ``trust_remote_code=True`` (the model code travels inside them).
 """
-
-from . import hf as _hf  # noqa: F401  (Auto-class registration)
 
 __version__ = "0.1.0"

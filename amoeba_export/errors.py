@@ -58,6 +58,12 @@ class BackendError(AmoebaError):
     """An unknown backend, quant type or a failed export/load."""
 
 
+class RuntimeCrashError(BackendError):
+    """A backend's native runtime died by a signal (run in a child process, so only that call fails)."""
+
+    exit_code = 4
+
+
 class ValidationFailedError(AmoebaError):
     """An exported artifact failed one or more accuracy gates."""
 

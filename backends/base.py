@@ -83,6 +83,9 @@ class Backend(ABC):
     name: str = ""
     extra: str = ""  # pip extra that installs the runtime: pip install 'amoeba-export[<extra>]'
     runtime_modules: tuple[str, ...] = ()
+    runtime: str = ""  # the runtime's name in messages ("llama.cpp")
+    crash_fix: str = ""  # what to do when the runtime dies by a signal
+    isolate: bool = True  # load() runs the runtime in a child process unless told otherwise
     quant_types: tuple[str, ...] = ()
     default_quant: str = ""
 
@@ -106,5 +109,18 @@ class Backend(ABC):
                **options: Any) -> Artifact:
         """Write an artifact folder atomically (see amoeba_export.artifacts.atomic_dir)."""
 
+    def load(self, artifact: Artifact, *, threads: int | None = None, isolated: bool = True,
+             **options: Any) -> Runner:
+        """A :class:`Runner` for ``artifact``. ``isolated`` (default): the runtime runs in a child process, so a
+        native crash raises :class:`~amoeba_export.errors.RuntimeCrashError` instead of killing this one; pass
+        False only where the caller already is such a process (the benchmark worker)."""
+        if not (isolated and self.isolate):
+            return self.open_runner(artifact, threads=threads, **options)
+        from .isolation import IsolatedRunner
+
+        return IsolatedRunner(self.name, artifact, threads=threads, runtime=self.runtime or self.name,
+                              crash_fix=self.crash_fix, **options)
+
     @abstractmethod
-    def load(self, artifact: Artifact, *, threads: int | None = None) -> Runner: ...
+    def open_runner(self, artifact: Artifact, *, threads: int | None = None, **options: Any) -> Runner:
+        """The runtime loaded in this process (see :meth:`load`)."""

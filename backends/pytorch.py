@@ -91,6 +91,8 @@ class PyTorchBackend(Backend):
     name = "pytorch"
     extra = ""
     runtime_modules = ("torch", "transformers")
+    runtime = "PyTorch"
+    isolate = False  # the reference: validation already runs it in-process beside the artifact's child
     quant_types = ("F32",)
     default_quant = "F32"
 
@@ -120,5 +122,5 @@ class PyTorchBackend(Backend):
             write_meta(tmp, meta)
         return Artifact.open(out_dir)
 
-    def load(self, artifact: Artifact, *, threads: int | None = None) -> Runner:
+    def open_runner(self, artifact: Artifact, *, threads: int | None = None) -> Runner:
         return PyTorchRunner(artifact.path, threads=threads)

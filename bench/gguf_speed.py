@@ -8,10 +8,14 @@ In one run this
 3. writes a ≈50 %-parameter subnet and exports it to Q4_K_M;
 4. benchmarks ours, the converter's and the subnet's Q4_K_M files interleaved (one fresh process per
    measurement, round-robin so machine load drifts hit all alike) and reports medians, ratios and each
-   file's decode speed as a fraction of the memory-bandwidth bound.
+   file's decode speed as a fraction of the memory-bandwidth bound;
+5. with ``--compare-native``: builds llama.cpp for this very CPU (``-march=native``, llama.cpp's default) beside
+   the installed portable build (the Makefile's CMAKE_ARGS) and benchmarks Q8_0 and Q4_K_M with both,
+   interleaved, so the price of portability is a ratio measured in one run.
 Ends with one line ``RESULT {json}``; exits non-zero when a validation gate fails.
 
     python bench/gguf_speed.py [--repeats 5] [--threads 2] [--quants F16,Q8_0,Q4_K_M] [--plan PLAN_DIR]
+                               [--compare-native]
 """
 
 from __future__ import annotations
@@ -39,6 +43,63 @@ from amoeba_export.paths import cache_subdir
 
 LLAMA_CPP_SDIST = "llama-cpp-python==0.3.36"
 SUBNET_FRACTION = 0.5
+# llama.cpp's own default: -march=native (what `pip install llama-cpp-python` builds with no CMAKE_ARGS)
+NATIVE_CMAKE_ARGS = "-DLLAVA_BUILD=OFF -DGGML_NATIVE=ON"
+BUILD_QUANTS = ("Q8_0", "Q4_K_M")
+
+
+def native_build() -> Path:
+    """llama-cpp-python built for this very CPU, in a folder of its own (built once per CPU, ≈ 7 min).
+
+    The benchmark worker imports it instead of the installed, portable build (``runtime_path``)."""
+    import hashlib
+    import os
+    import shutil
+
+    from amoeba_export.backends.gguf.selfcheck import _cpu_model
+
+    key = hashlib.sha256(f"{_cpu_model()}|{NATIVE_CMAKE_ARGS}".encode()).hexdigest()[:10]
+    target = cache_subdir("packages") / f"llama-cpp-python-0.3.36-native-{key}"
+    if (target / "llama_cpp" / "__init__.py").is_file():
+        return target
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    print(f"building {LLAMA_CPP_SDIST} with CMAKE_ARGS={NATIVE_CMAKE_ARGS!r} into {target} …", flush=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-cache-dir", "--target",
+                    str(tmp), LLAMA_CPP_SDIST], env=dict(os.environ, CMAKE_ARGS=NATIVE_CMAKE_ARGS), check=True)
+    tmp.rename(target)
+    return target
+
+
+def compare_builds(ours: dict[str, Artifact], native: Path, threads: int, repeats: int,
+                   bandwidth: dict) -> dict:
+    """Decode tok/s of the installed (portable) build vs the native build, round-robin per quant type.
+
+    A build that crashes on this CPU (the native one on AMX Xeons) is a row marked with its error."""
+    from amoeba_export.errors import AmoebaError
+
+    builds = {"portable": None, "native": str(native)}
+    decode: dict[str, dict[str, list[float]]] = {q: {b: [] for b in builds} for q in BUILD_QUANTS}
+    errors: dict[str, dict[str, str]] = {q: {} for q in BUILD_QUANTS}
+    for _ in range(repeats):
+        for quant in BUILD_QUANTS:
+            for build, path in builds.items():
+                if build in errors[quant]:
+                    continue
+                try:
+                    r = bench_artifact(ours[quant].path, threads=threads, repeats=1, bandwidth=bandwidth,
+                                       progress=False, runtime_path=path)
+                except AmoebaError as exc:
+                    errors[quant][build] = str(exc)
+                    continue
+                decode[quant][build].append(r["metrics"]["decode_tok_s"]["median"])
+    out = {}
+    for quant in BUILD_QUANTS:
+        med = {b: statistics.median(v) if v else None for b, v in decode[quant].items()}
+        ratio = med["portable"] / med["native"] if med["portable"] and med["native"] else None
+        out[quant] = {"decode_tok_s": med, "values": decode[quant], "portable_over_native": ratio,
+                      "errors": errors[quant]}
+    return {"native_cmake_args": NATIVE_CMAKE_ARGS, "native_path": str(native), "per_quant": out}
 
 
 def llama_cpp_source() -> Path:
@@ -119,6 +180,9 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--validate-tokens", type=int, default=2048)
     ap.add_argument("--plan", help="a plan folder: take the 50 % subnet from the real extraction")
+    ap.add_argument("--compare-native", action="store_true",
+                    help="also build llama.cpp for this CPU (-march=native) and compare its Q8_0/Q4_K_M decode "
+                         "speed with the installed portable build, side by side")
     args = ap.parse_args()
 
     threads = args.threads or default_threads()
@@ -126,8 +190,9 @@ def main() -> int:
     work = cache_subdir("bench", "gguf_speed")
     gguf = get_backend("gguf")
     quants = args.quants.split(",")
-    if "Q4_K_M" not in quants:
-        quants.append("Q4_K_M")
+    for quant in ("Q4_K_M", *(BUILD_QUANTS if args.compare_native else ())):
+        if quant not in quants:
+            quants.append(quant)
 
     ours, validation, failed = {}, {}, []
     for quant in quants:
@@ -157,6 +222,7 @@ def main() -> int:
             decode[name].append(r["metrics"]["decode_tok_s"]["median"])
             results[name] = r
     med = {name: statistics.median(v) for name, v in decode.items()}
+    builds = compare_builds(ours, native_build(), threads, args.repeats, bandwidth) if args.compare_native else None
     bound = {name: results[name]["bandwidth_bound_tok_s"] for name in runs}
     figures = {
         "ratio_vs_llamacpp_converter": med["ours"] / med["llamacpp"],
@@ -174,6 +240,7 @@ def main() -> int:
         "repeats": args.repeats,
         "validation": validation,
         "processor": results["ours"]["machine"]["processor"],
+        "builds": builds,
     }
     print(f"\n{'file':<12}{'MB':>8}{'decode tok/s':>14}{'bound tok/s':>13}{'fraction':>10}")
     for name in runs:
@@ -181,6 +248,16 @@ def main() -> int:
               f"{figures['bound_fraction'][name]:>10.3f}")
     print(f"ours / llama.cpp converter: {figures['ratio_vs_llamacpp_converter']:.3f}; "
           f"{sub_params:.2f}-param subnet / full: {figures['speedup_50pct']:.2f}×")
+    if builds:
+        head = f"llama.cpp build ({threads} threads)"
+        print(f"\n{head:<28}{'portable tok/s':>15}{'native tok/s':>14}{'portable/native':>17}")
+        for quant, row in builds["per_quant"].items():
+            speed = row["decode_tok_s"]
+            cells = [f"{speed[b]:.1f}" if speed[b] else "crashed" for b in ("portable", "native")]
+            ratio = f"{row['portable_over_native']:.3f}" if row["portable_over_native"] else "—"
+            print(f"{quant:<28}{cells[0]:>15}{cells[1]:>14}{ratio:>17}")
+            for build, error in row["errors"].items():
+                print(f"  {build}: {error}")
     print("RESULT " + json.dumps(figures))
     return 1 if failed else 0
 

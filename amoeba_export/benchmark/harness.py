@@ -21,7 +21,7 @@ from typing import Any
 from tqdm import tqdm
 
 from amoeba_export.backends.base import Artifact
-from amoeba_export.errors import BackendError
+from amoeba_export.errors import BackendError, RuntimeCrashError
 
 BENCH_VERSION = 1
 METRICS = ("load_s", "ttft_s", "prefill_tok_s", "decode_tok_s", "peak_rss_gb", "rss_before_load_gb")
@@ -33,6 +33,8 @@ def default_threads() -> int:
 
 def _run_worker(job: dict[str, Any], timeout: float) -> dict[str, Any]:
     env = dict(os.environ, OMP_NUM_THREADS=str(job["threads"]), MKL_NUM_THREADS=str(job["threads"]))
+    if job.get("runtime_path"):  # another build of the runtime, found before the installed one
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [job["runtime_path"], env.get("PYTHONPATH")]))
     cmd = [sys.executable, "-m", "amoeba_export.benchmark.worker", json.dumps(job)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
@@ -40,11 +42,29 @@ def _run_worker(job: dict[str, Any], timeout: float) -> dict[str, Any]:
         raise BackendError(f"benchmark {job['mode']} run exceeded {timeout:.0f} s",
                            fix="use fewer tokens or a smaller model") from exc
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise BackendError(f"benchmark {job['mode']} run failed (exit {proc.returncode}): {tail}",
+    if proc.returncode < 0:  # killed by a signal: a native crash of the runtime, not a Python error
+        raise _crash(job, proc.returncode)
+    reply = json.loads(lines[-1]) if lines else {}
+    if proc.returncode != 0 or not lines or "error" in reply:
+        cause = (f"{reply['error']}: {reply['message']}" if "error" in reply
+                 else (proc.stderr.strip().splitlines() or ["no output"])[-1])
+        raise BackendError(f"benchmark {job['mode']} run failed (exit {proc.returncode}): {cause}",
                            fix="check that the artifact loads: amoeba validate ARTIFACT --reference HF_DIR")
-    return json.loads(lines[-1])
+    return reply
+
+
+def _crash(job: dict[str, Any], returncode: int) -> RuntimeCrashError:
+    from amoeba_export.backends import get_backend
+    from amoeba_export.backends.isolation import signal_name
+
+    if "artifact" not in job:
+        return RuntimeCrashError(f"benchmark {job['mode']} run crashed ({signal_name(returncode)})",
+                                 fix="report this machine's CPU")
+    artifact = Artifact.open(job["artifact"])
+    backend = get_backend(artifact.backend)
+    return RuntimeCrashError(f"{backend.runtime or backend.name} crashed ({signal_name(returncode)}) running "
+                             f"{artifact.model_file} ({artifact.backend}/{artifact.quant})",
+                             fix=backend.crash_fix or "report the runtime version and this machine's CPU")
 
 
 def summarize(values: list[float]) -> dict[str, Any]:
@@ -60,10 +80,13 @@ def measure_bandwidth(threads: int, *, timeout: float = 120.0) -> dict[str, Any]
 
 def bench_artifact(artifact_dir: str | Path, *, threads: int | None = None, prompt_tokens: int = 128,
                    new_tokens: int = 128, repeats: int = 3, warmup: int = 1, bandwidth: dict[str, Any] | None = None,
-                   timeout: float = 900.0, progress: bool = True) -> dict[str, Any]:
+                   timeout: float = 900.0, progress: bool = True, runtime_path: str | Path | None = None
+                   ) -> dict[str, Any]:
     """Measure ``artifact_dir`` ``repeats`` times, each in a fresh subprocess; returns a JSON-ready dict.
 
     ``bandwidth`` (from :func:`measure_bandwidth`) may be passed to share one measurement across artifacts.
+    ``runtime_path``: a folder holding another build of the runtime's package (``pip install --target``),
+    imported instead of the installed one — to compare builds side by side.
     """
     if repeats < 1 or prompt_tokens < 1 or new_tokens < 2:
         raise BackendError("benchmark needs repeats ≥ 1, prompt_tokens ≥ 1 and new_tokens ≥ 2",
@@ -71,7 +94,8 @@ def bench_artifact(artifact_dir: str | Path, *, threads: int | None = None, prom
     artifact = Artifact.open(artifact_dir)
     threads = threads or default_threads()
     job = {"mode": "generation", "artifact": str(artifact.path), "threads": threads,
-           "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "warmup": warmup}
+           "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "warmup": warmup,
+           "runtime_path": str(runtime_path) if runtime_path else None}
     runs = [_run_worker(job, timeout)
             for _ in tqdm(range(repeats), desc=f"bench {artifact.path.name}", unit="run", disable=not progress)]
     bandwidth = bandwidth or measure_bandwidth(threads)
@@ -88,6 +112,7 @@ def bench_artifact(artifact_dir: str | Path, *, threads: int | None = None, prom
         "bytes_per_token": bytes_per_token,
         "threads": threads,
         "runner_threads": runs[0].get("threads"),
+        "runtime_path": job["runtime_path"],
         "prompt_tokens": prompt_tokens,
         "new_tokens": new_tokens,
         "repeats": repeats,

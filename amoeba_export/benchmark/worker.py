@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import threading
 import time
@@ -29,12 +30,15 @@ def run_generation(job: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
 
     from amoeba_export.backends import load_artifact
+    from amoeba_export.backends.isolation import FAULT_ENV
 
     artifact, backend = load_artifact(job["artifact"])
     rss_before = _rss_gb()
     start = time.perf_counter()
-    runner = backend.load(artifact, threads=job["threads"])
+    runner = backend.load(artifact, threads=job["threads"], isolated=False)  # this worker is the isolation
     load_s = time.perf_counter() - start
+    if fault := os.environ.get(FAULT_ENV):  # the crash report's own tests
+        os.kill(os.getpid(), signal.Signals[fault])
     # Speed does not depend on which tokens are fed; fixed pseudo-random ids keep every backend on the same input.
     rng = np.random.default_rng(job.get("seed", 0))
     prompt = [int(x) for x in rng.integers(0, runner.vocab_size, job["prompt_tokens"])]
@@ -85,7 +89,11 @@ def run_bandwidth(job: dict[str, Any]) -> dict[str, Any]:
 
 def main(argv: list[str]) -> int:
     job = json.loads(argv[0])
-    result = {"generation": run_generation, "bandwidth": run_bandwidth}[job["mode"]](job)
+    try:
+        result = {"generation": run_generation, "bandwidth": run_bandwidth}[job["mode"]](job)
+    except Exception as exc:  # reported as one JSON line: the runtime's stderr chatter is not the cause
+        print(json.dumps({"error": type(exc).__name__, "message": str(exc)}), flush=True)
+        return 1
     print(json.dumps(result), flush=True)
     return 0
 

@@ -142,6 +142,8 @@ class ExecuTorchBackend(Backend):
     name = "executorch"
     extra = "executorch"
     runtime_modules = ("executorch", "torchao")
+    runtime = "ExecuTorch"
+    crash_fix = "reinstall executorch (pip install --force-reinstall executorch) and report this machine's CPU"
     quant_types = tuple(RECIPES)
     default_quant = "8da4w-attn"  # passes its gate on small models; all-int4 "8da4w" does not
 
@@ -228,5 +230,5 @@ class ExecuTorchBackend(Backend):
         stages.update()
         return ep
 
-    def load(self, artifact: Artifact, *, threads: int | None = None) -> Runner:
+    def open_runner(self, artifact: Artifact, *, threads: int | None = None) -> Runner:
         return ExecuTorchRunner(artifact, threads=threads)

@@ -23,6 +23,10 @@ class GGUFBackend(Backend):
     name = "gguf"
     extra = "gguf"
     runtime_modules = ("llama_cpp", "gguf")
+    runtime = "llama.cpp"
+    crash_fix = ("llama-cpp-python was built for another CPU or with a broken fast path; rebuild it for a portable "
+                 "baseline: make setup, or CMAKE_ARGS from the Makefile with pip install --force-reinstall "
+                 "--no-cache-dir llama-cpp-python")
     quant_types = (*UNQUANTIZED, *QUANT_TYPES)
     default_quant = "Q4_K_M"
 
@@ -64,7 +68,17 @@ class GGUFBackend(Backend):
             write_meta(tmp, meta)
         return Artifact.open(out_dir)
 
-    def load(self, artifact: Artifact, *, threads: int | None = None, n_ctx: int | None = None) -> Runner:
+    def load(self, artifact: Artifact, *, threads: int | None = None, isolated: bool = True,
+             selfcheck: bool = True, **options: Any) -> Runner:
+        """As :meth:`Backend.load`, after checking (once per build and CPU, cached) that llama.cpp decodes
+        quantized files on this machine — see :mod:`.selfcheck`."""
+        if selfcheck:
+            from .selfcheck import ensure_llama_cpp_works
+
+            ensure_llama_cpp_works(for_file=artifact.model_file)
+        return super().load(artifact, threads=threads, isolated=isolated, **options)
+
+    def open_runner(self, artifact: Artifact, *, threads: int | None = None, n_ctx: int | None = None) -> Runner:
         from .runner import LlamaCppRunner
 
         path = artifact.model_file

@@ -37,6 +37,8 @@ class OnnxBackend(Backend):
     name = "onnx"
     extra = "onnx"
     runtime_modules = ("onnx", "onnxruntime", "onnxscript")
+    runtime = "onnxruntime"
+    crash_fix = "reinstall onnxruntime (pip install --force-reinstall onnxruntime) and report this machine's CPU"
     quant_types = tuple(RECIPES)
     default_quant = "int4"
 
@@ -135,7 +137,7 @@ class OnnxBackend(Backend):
 
         open_session(path, threads=1)
 
-    def load(self, artifact: Artifact, *, threads: int | None = None) -> Runner:
+    def open_runner(self, artifact: Artifact, *, threads: int | None = None) -> Runner:
         from .runner import OnnxRunner
 
         if artifact.backend != self.name:
