@@ -17,6 +17,7 @@ import torch
 from .artifacts import atomic_dir, read_meta, write_json, write_meta
 from .elastic import ElasticLM
 from .errors import OutputExistsError, ShapeError
+from .reconstruct import DepthMaps
 from .shape import Shape
 
 # Files of the source folder that are the model itself (everything else — tokenizer, chat template,
@@ -26,8 +27,12 @@ STOCK_TYPES = {"llama", "mistral", "qwen2"}
 
 
 @torch.no_grad()
-def subnet_state_dict(elastic: ElasticLM, shape: Shape) -> tuple[dict[str, torch.Tensor], dict[str, bool]]:
-    """Weights of ``shape`` in transformers' naming and head order, plus which optional biases exist."""
+def subnet_state_dict(elastic: ElasticLM, shape: Shape, maps: DepthMaps | None = None,
+                      ) -> tuple[dict[str, torch.Tensor], dict[str, bool]]:
+    """Weights of ``shape`` in transformers' naming and head order, plus which optional biases exist.
+
+    ``o_proj``/``down_proj`` come from :meth:`ElasticBlock.output_projection` (sliced, refit, compensated);
+    a depth map ``T`` of a kept layer is merged into its ``down_proj``: ``W ← T W``, ``b ← T b``."""
     dims = elastic.dims
     hd = dims.head_dim
     sd: dict[str, torch.Tensor] = {"model.embed_tokens.weight": elastic.embed_tokens.weight,
@@ -35,10 +40,9 @@ def subnet_state_dict(elastic: ElasticLM, shape: Shape) -> tuple[dict[str, torch
     if not dims.tied_embeddings:
         sd["lm_head.weight"] = elastic.lm_head.weight
     flags = {"qkv_bias": False, "o_proj_bias": False, "down_proj_bias": False}
-    widths = elastic.widths(shape)
+    mlp_maps = {} if maps is None else maps.maps
     for new, (layer, q, kv, m) in enumerate(zip(shape.layers, shape.q_heads, shape.kv_heads, shape.mlp)):
         block = elastic.layers[layer]
-        width = widths[layer]
         heads = elastic._head_channels(elastic.group_major_heads(q, kv))
         p = f"model.layers.{new}."
         sd[p + "input_layernorm.weight"] = block.input_layernorm.weight
@@ -46,23 +50,25 @@ def subnet_state_dict(elastic: ElasticLM, shape: Shape) -> tuple[dict[str, torch
         sd[p + "self_attn.q_proj.weight"] = block.q_proj.effective_weight(q * hd)[heads]
         sd[p + "self_attn.k_proj.weight"] = block.k_proj.effective_weight(kv * hd)
         sd[p + "self_attn.v_proj.weight"] = block.v_proj.effective_weight(kv * hd)
-        sd[p + "self_attn.o_proj.weight"] = block.o_proj.effective_weight(None, q * hd)[:, heads]
         sd[p + "mlp.gate_proj.weight"] = block.gate_proj.effective_weight(m)
         sd[p + "mlp.up_proj.weight"] = block.up_proj.effective_weight(m)
-        sd[p + "mlp.down_proj.weight"] = block.down_proj.effective_weight(None, m)
         if block.q_proj.bias is not None:
             flags["qkv_bias"] = True
             sd[p + "self_attn.q_proj.bias"] = block.q_proj.bias[: q * hd][heads]
             sd[p + "self_attn.k_proj.bias"] = block.k_proj.bias[: kv * hd]
             sd[p + "self_attn.v_proj.bias"] = block.v_proj.bias[: kv * hd]
-        attn_b, mlp_b = block.compensation(width)
-        for key, own, comp, flag in (("self_attn.o_proj.bias", block.o_proj.bias, attn_b, "o_proj_bias"),
-                                     ("mlp.down_proj.bias", block.down_proj.bias, mlp_b, "down_proj_bias")):
-            if own is None and comp is None:
-                continue
-            bias = torch.zeros(dims.hidden_size) if own is None else own.detach().clone()
-            sd[p + key] = bias + (0 if comp is None else comp)
-            flags[flag] = True
+        o_weight, o_bias = block.output_projection("o_proj", q * hd)
+        sd[p + "self_attn.o_proj.weight"] = o_weight[:, heads]
+        d_weight, d_bias = block.output_projection("down_proj", m)
+        if layer in mlp_maps:
+            t = mlp_maps[layer].to(d_weight.dtype)
+            d_weight, d_bias = t @ d_weight, (None if d_bias is None else t @ d_bias)
+        sd[p + "mlp.down_proj.weight"] = d_weight
+        for key, bias, flag in (("self_attn.o_proj.bias", o_bias, "o_proj_bias"),
+                                ("mlp.down_proj.bias", d_bias, "down_proj_bias")):
+            if bias is not None:
+                sd[p + key] = bias
+                flags[flag] = True
     # A bias flag applies to every layer: layers that had nothing removed get zero biases.
     for new in range(shape.depth):
         p = f"model.layers.{new}."
@@ -129,7 +135,8 @@ def write_subnet(elastic: ElasticLM, shape: Shape, out: str | Path, *, source_di
 
     start = time.perf_counter()
     shape.validate(elastic.dims)
-    sd, flags = subnet_state_dict(elastic, shape)
+    maps = elastic.depth_maps(shape)  # one calibration pass of the subnet when depth reconstruction is on
+    sd, flags = subnet_state_dict(elastic, shape, maps)
     cfg = subnet_config(elastic.config, shape, flags)
     if cfg["model_type"] != "amoeba_llama":
         _stock_biases(sd, cfg, shape, elastic.dims.head_dim)
@@ -147,23 +154,30 @@ def write_subnet(elastic: ElasticLM, shape: Shape, out: str | Path, *, source_di
         write_meta(tmp, {
             "kind": "hf_model", "version": 1, "subnet": True, "shape": shape.to_dict(),
             "params": params, "stock": cfg["model_type"] != "amoeba_llama", "model_type": cfg["model_type"],
-            "extract_seconds": round(time.perf_counter() - start, 3), **(meta or {}),
+            "extract_seconds": round(time.perf_counter() - start, 3),
+            "reconstruction": {"width": elastic.compensation_mode,
+                               **(maps.describe() if maps is not None else {"depth_maps": []})},
+            **(meta or {}),
         })
     return Path(out)
 
 
-def load_source(source: str | Path, *, compensate: bool | None = None, plan=None):
-    """``(elastic, plan, meta)`` of a plan folder or a trained elastic checkpoint (``plan``: already loaded)."""
+def load_source(source: str | Path, *, compensate: str | bool | None = None, depth_maps: bool | None = None,
+                plan=None):
+    """``(elastic, plan, meta)`` of a plan folder or a trained elastic checkpoint (``plan``: already loaded).
+
+    ``compensate``/``depth_maps``: the reconstruction (None: the plan's, or for a checkpoint what it was trained
+    with). A checkpoint's depth maps are fitted on its LoRA-merged weights, per shape, at extraction."""
     meta = read_meta(source)
     if meta.get("kind") == "elastic":
         from .finetune import load_trained_elastic
 
-        elastic, plan, _ = load_trained_elastic(source)
+        elastic, plan, _ = load_trained_elastic(source, compensate=compensate, depth_maps=depth_maps)
         return elastic, plan, meta
     from .plan import load_elastic
 
     read_meta(source, kind="plan")
-    elastic, plan = load_elastic(source, compensate=compensate, plan=plan)
+    elastic, plan = load_elastic(source, compensate=compensate, plan=plan, depth_maps=depth_maps)
     return elastic, plan, meta
 
 
@@ -186,8 +200,9 @@ def prepare_shape(elastic: ElasticLM, shape: Shape) -> None:
 
 
 def extract_subnet(source: str | Path, out: str | Path, *, depth: int | None = None, width: float = 1.0,
-                   mode: str = "global", params: int | None = None, compensate: bool | None = None,
-                   round_to: int | None = None, method: str = "dp", force: bool = False) -> Path:
+                   mode: str = "global", params: int | None = None, compensate: str | bool | None = None,
+                   depth_maps: bool | None = None, round_to: int | None = None, method: str = "dp",
+                   force: bool = False) -> Path:
     """``amoeba extract``: pick a shape by (depth, width) or by parameter budget and write it."""
     start = time.perf_counter()
     if Path(out).exists() and not force:
@@ -197,7 +212,7 @@ def extract_subnet(source: str | Path, out: str | Path, *, depth: int | None = N
         if depth is None:
             raise ShapeError("no shape given", fix="pass --depth and --width, or --params")
         shape = plan.shape(depth, width, mode, method=method, round_to=round_to)
-    elastic, plan, source_meta = load_source(source, compensate=compensate, plan=plan)
+    elastic, plan, source_meta = load_source(source, compensate=compensate, depth_maps=depth_maps, plan=plan)
     if params is not None:
         shape = pick_for_params(elastic, plan, params, mode)
     prepare_shape(elastic, shape)

@@ -41,6 +41,8 @@ def test_extracted_equals_elastic_subnet(tiny_plan_dir, tmp_path, mode, width, c
     out = extract_subnet(tiny_plan_dir, tmp_path / "sub", depth=4, width=width, mode=mode, compensate=compensate)
     meta = read_meta(out)
     assert meta["stock"] is stock and meta["shape"]["layers"] == list(shape.layers)
+    rec = meta["reconstruction"]  # least-squares width refit (the default) and depth maps were both applied
+    assert rec["width"] == ("lstsq" if compensate else "none") and (rec["depth_maps"] or rec["skipped_runs"])
     torch.save(IDS, tmp_path / "ids.pt")
     proc = subprocess.run([sys.executable, "-c", NO_AMOEBA, str(out), str(tmp_path / "ids.pt"),
                            str(tmp_path / "logits.pt")], capture_output=True, text=True)

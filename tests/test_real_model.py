@@ -38,7 +38,7 @@ def test_plan_and_extraction_on_the_real_model(default_model_dir, model, tmp_pat
     assert plan.stats["dp_evaluations"] == sum(min(n, 3) for n in range(1, 30))
     plan.save(tmp_path / "plan")
     elastic, plan = load_elastic(tmp_path / "plan", compensate=True)
-    elastic.set_compensation(None, None)
+    elastic.set_compensation(None)
     with torch.no_grad():
         torch.testing.assert_close(elastic(ids), ref, atol=1e-3, rtol=0)
     plain = make_elastic(load_model(default_model_dir))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..reconstruct.channels import COMPENSATE_MODES
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="plan folder (amoeba plan) or elastic checkpoint (amoeba train)")
@@ -15,9 +17,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--params", type=float, help="pick the largest plan shape with at most this many parameters")
     p.add_argument("--round-to", type=int, help="MLP widths are multiples of this (e.g. 256 for GGUF k-quants)")
     comp = p.add_mutually_exclusive_group()
-    comp.add_argument("--compensate", dest="compensate", action="store_true", default=None,
-                      help="add bias compensation for removed channels")
-    comp.add_argument("--no-compensate", dest="compensate", action="store_false")
+    comp.add_argument("--compensate", choices=COMPENSATE_MODES, default=None,
+                      help="how narrowed layers make up for removed channels: lstsq (refit kept o_proj/down_proj "
+                           "columns + bias by least squares), mean (bias of the removed channels' mean), none "
+                           "(default: the plan's, lstsq)")
+    comp.add_argument("--no-compensate", dest="compensate", action="store_const", const="none")
+    maps = p.add_mutually_exclusive_group()
+    maps.add_argument("--depth-maps", dest="depth_maps", action="store_true", default=None,
+                      help="replace each run of removed layers by a linear map fitted on calibration text and "
+                           "merged into the preceding down_proj (default: the plan's, on)")
+    maps.add_argument("--no-depth-maps", dest="depth_maps", action="store_false")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
 
 
@@ -30,9 +39,11 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     out = extract_subnet(args.source, args.out, depth=args.depth, width=args.width, mode=args.mode,
                          params=int(args.params) if args.params else None, compensate=args.compensate,
-                         round_to=args.round_to, force=args.force)
+                         depth_maps=args.depth_maps, round_to=args.round_to, force=args.force)
     meta = read_meta(out)
     kind = "stock" if meta["stock"] else "per-layer (amoeba_llama)"
+    rec = meta.get("reconstruction", {})
+    maps = f", {len(rec['depth_maps'])} depth map(s) in {rec['fit_seconds']:.1f} s" if rec.get("depth_maps") else ""
     print(f"wrote {out}: {meta['shape']['name']}, {meta['params']:,} parameters, {kind} checkpoint, "
-          f"{time.perf_counter() - start:.2f} s")
+          f"width compensation {rec.get('width', 'none')}{maps}, {time.perf_counter() - start:.2f} s")
     return 0

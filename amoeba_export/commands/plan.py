@@ -7,6 +7,7 @@ import argparse
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..plan import PlanConfig
+    from ..reconstruct.channels import COMPENSATE_MODES
 
     d = PlanConfig()
     p.add_argument("--model", default="default", help="HF folder, .gguf file, or 'default'")
@@ -20,7 +21,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(multiple-choice error, e.g. mc:cause_and_effect/one_sentence)")
     p.add_argument("--max-removed", type=float, default=d.max_removed, help="most layers removed (fraction)")
     p.add_argument("--round-to", type=int, default=d.round_to, help="MLP widths are multiples of this")
-    p.add_argument("--no-compensate", action="store_true", help="extract without bias compensation by default")
+    p.add_argument("--compensate", choices=COMPENSATE_MODES, default=d.compensate,
+                   help="extraction's default width compensation (lstsq, mean or none)")
+    p.add_argument("--no-compensate", dest="compensate", action="store_const", const="none",
+                   help="extract without compensation by default")
+    p.add_argument("--no-depth-maps", action="store_true", help="extract without depth maps by default")
     p.add_argument("--force", action="store_true", help="replace an existing plan folder")
 
 
@@ -34,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
         raise OutputExistsError(f"output folder {args.out} already exists", fix="pass --force to replace it")
     config = PlanConfig(seq_len=args.seq_len, width_tokens=args.width_tokens, depth_tokens=args.depth_tokens,
                         depth_seq_len=args.depth_seq_len, depth_metric=args.depth_metric,
-                        max_removed=args.max_removed, round_to=args.round_to, compensate=not args.no_compensate)
+                        max_removed=args.max_removed, round_to=args.round_to, compensate=args.compensate,
+                        depth_maps=not args.no_depth_maps)
     plan = build_plan(args.model, config)
     plan.save(args.out, force=args.force)
     s = plan.stats

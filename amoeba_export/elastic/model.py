@@ -17,6 +17,7 @@ from torch import nn
 
 from ..errors import UnsupportedArchitectureError
 from ..modelio import SUPPORTED_ARCHITECTURES
+from ..reconstruct import Compensator, DepthMaps, DepthReconstruction
 from ..shape import ModelDims, Shape
 from .linear import ElasticLinear
 
@@ -49,27 +50,42 @@ class ElasticBlock(nn.Module):
         self.act_fn = mlp.act_fn
         self.head_dim = dims.head_dim
         self.scaling = dims.head_dim ** -0.5
-        # Per-layer compensation: o_proj/down_proj input means of the removed channels (set by a plan).
-        self.register_buffer("attn_in_mean", None, persistent=False)
-        self.register_buffer("mlp_in_mean", None, persistent=False)
+        # Per projection ("o_proj", "down_proj"): how a narrowed layer makes up for its removed input channels
+        # (set by a plan; see amoeba_export.reconstruct.channels). Empty: removed channels are simply dropped.
+        self.compensators: dict[str, Compensator] = {}
 
     def projections(self) -> dict[str, ElasticLinear]:
         return {name: getattr(self, name) for name in PROJECTIONS}
 
-    def compensation(self, width: LayerWidth) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Output biases standing in for the removed channels' mean contribution (FLAP)."""
-        attn_b = mlp_b = None
-        kept_attn = width.q_heads * self.head_dim
-        if self.attn_in_mean is not None and kept_attn < self.o_proj.in_features:
-            w = self.o_proj.effective_weight()[:, kept_attn:]
-            attn_b = w @ self.attn_in_mean[kept_attn:].to(w.dtype)
-        if self.mlp_in_mean is not None and width.mlp < self.down_proj.in_features:
-            w = self.down_proj.effective_weight()[:, width.mlp:]
-            mlp_b = w @ self.mlp_in_mean[width.mlp:].to(w.dtype)
-        return attn_b, mlp_b
+    def output_projection(self, name: str, kept: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(weight [out, kept], bias or None)`` of ``o_proj``/``down_proj`` keeping ``kept`` input channels:
+        sliced, LoRA-merged, refit by the compensator, the projection's own bias plus the compensation bias.
+        Extraction writes exactly these; the forward computes the same function."""
+        lin: ElasticLinear = getattr(self, name)
+        comp = self.compensators.get(name)
+        refit = comp.refit(kept) if comp is not None and kept < lin.in_features else None
+        if refit is None:
+            return lin.effective_weight(None, kept), lin.bias
+        w_full = lin.effective_weight()
+        weight, extra = refit.weight(w_full, kept), refit.bias(w_full)
+        bias = lin.bias if extra is None else (extra if lin.bias is None else lin.bias + extra)
+        return weight, bias
 
-    def forward(self, x: torch.Tensor, pos: tuple[torch.Tensor, torch.Tensor], width: LayerWidth,
-                *, layer: int = -1, observe: Observer | None = None) -> torch.Tensor:
+    def _project(self, name: str, x: torch.Tensor, kept: int) -> torch.Tensor:
+        lin: ElasticLinear = getattr(self, name)
+        comp = self.compensators.get(name)
+        refit = comp.refit(kept) if comp is not None and kept < lin.in_features else None
+        if refit is not None and refit.projection is not None:
+            weight, bias = self.output_projection(name, kept)
+            return F.linear(x, weight, bias)
+        y = lin(x, None, kept)  # the adapter's own (unmerged) path, as training runs it
+        if refit is not None:
+            y = y + refit.bias(lin.effective_weight())
+        return y
+
+    def sublayers(self, x: torch.Tensor, pos: tuple[torch.Tensor, torch.Tensor], width: LayerWidth,
+                  *, layer: int = -1, observe: Observer | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(residual after attention, MLP output)``: the layer's output is their sum."""
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
         bsz, seq, _ = x.shape
@@ -88,18 +104,20 @@ class ElasticBlock(nn.Module):
         a = a.transpose(1, 2).reshape(bsz, seq, q_dim)
         if observe is not None:
             observe("attn_in", layer, a)
-        attn_b, mlp_b = self.compensation(width)
-        o = self.o_proj(a, None, q_dim)
-        if attn_b is not None:
-            o = o + attn_b
-        y = x + o
+        y = x + self._project("o_proj", a, q_dim)
         h = self.post_attention_layernorm(y)
         m = self.act_fn(self.gate_proj(h, width.mlp)) * self.up_proj(h, width.mlp)
         if observe is not None:
             observe("mlp_in", layer, m)
-        d = self.down_proj(m, None, width.mlp)
-        if mlp_b is not None:
-            d = d + mlp_b
+        return y, self._project("down_proj", m, width.mlp)
+
+    def forward(self, x: torch.Tensor, pos: tuple[torch.Tensor, torch.Tensor], width: LayerWidth,
+                *, layer: int = -1, observe: Observer | None = None,
+                mlp_map: torch.Tensor | None = None) -> torch.Tensor:
+        """``mlp_map``: a depth map ``T`` applied to the MLP output (standing in for removed layers after it)."""
+        y, d = self.sublayers(x, pos, width, layer=layer, observe=observe)
+        if mlp_map is not None:
+            d = F.linear(d, mlp_map.to(d.dtype))
         out = y + d
         if observe is not None:
             observe("block", layer, (x, out))
@@ -120,6 +138,8 @@ class ElasticLM(nn.Module):
         self.rotary_emb = base.rotary_emb
         self.lm_head = hf_model.lm_head
         self.layers = nn.ModuleList(ElasticBlock(layer, self.dims) for layer in base.layers)
+        self.compensation_mode = "none"
+        self.depth_reconstruction: DepthReconstruction | None = None
         for block in self.layers:
             self._to_slot_major(block)
         for p in self.parameters():
@@ -159,21 +179,29 @@ class ElasticLM(nn.Module):
         block.gate_proj.permute_(rows=mlp)
         block.up_proj.permute_(rows=mlp)
         block.down_proj.permute_(cols=mlp)
-        for name, perm in (("attn_in_mean", ch), ("mlp_in_mean", mlp)):
-            buf = getattr(block, name)
-            if buf is not None:
-                setattr(block, name, buf[perm])
+        if block.compensators:
+            raise ValueError("reorder a layer before setting its compensation (its statistics are in plan order)")
 
-    def set_compensation(self, attn_means: Sequence[torch.Tensor] | None,
-                         mlp_means: Sequence[torch.Tensor] | None) -> None:
-        """Turn bias compensation on (per-layer input means, internal order) or off (None)."""
+    def set_compensation(self, compensators: Sequence[dict[str, Compensator]] | None, mode: str = "none") -> None:
+        """Per layer, the compensators of its o_proj/down_proj (importance order), or None for none."""
         for i, block in enumerate(self.layers):
-            block.attn_in_mean = None if attn_means is None else attn_means[i].float()
-            block.mlp_in_mean = None if mlp_means is None else mlp_means[i].float()
+            block.compensators = {} if compensators is None else dict(compensators[i])
+        self.compensation_mode = mode if compensators is not None else "none"
 
     @property
     def compensating(self) -> bool:
-        return any(b.attn_in_mean is not None or b.mlp_in_mean is not None for b in self.layers)
+        """Whether narrowed layers get compensation biases (what extraction's bias flags follow)."""
+        return any(b.compensators for b in self.layers)
+
+    def set_depth_reconstruction(self, reconstruction: DepthReconstruction | None) -> None:
+        """Fit a linear map per run of removed layers (on these calibration rows) whenever a shape runs."""
+        self.depth_reconstruction = reconstruction
+
+    def depth_maps(self, shape: Shape) -> DepthMaps | None:
+        """The shape's depth maps (fitted on first use, then cached), or None when reconstruction is off."""
+        if self.depth_reconstruction is None or shape.depth == self.dims.num_layers:
+            return None
+        return self.depth_reconstruction.maps_for(self, shape)
 
     # -- forward ------------------------------------------------------------------------------------
     def full_shape(self) -> Shape:
@@ -189,9 +217,11 @@ class ElasticLM(nn.Module):
         return h, self.rotary_emb(h, position_ids=positions)
 
     def run_layers(self, h: torch.Tensor, pos: tuple[torch.Tensor, torch.Tensor], widths: dict[int, LayerWidth],
-                   layers: Sequence[int], observe: Observer | None = None) -> torch.Tensor:
+                   layers: Sequence[int], observe: Observer | None = None,
+                   maps: DepthMaps | None = None) -> torch.Tensor:
+        mlp_maps = {} if maps is None else maps.maps
         for layer in layers:
-            h = self.layers[layer](h, pos, widths[layer], layer=layer, observe=observe)
+            h = self.layers[layer](h, pos, widths[layer], layer=layer, observe=observe, mlp_map=mlp_maps.get(layer))
         return h
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
@@ -199,11 +229,12 @@ class ElasticLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, shape: Shape | None = None,
                 observe: Observer | None = None) -> torch.Tensor:
-        """Logits ``[batch, seq, vocab]`` of ``shape`` (the full model when None). No padding support:
-        sequences are packed to equal length."""
+        """Logits ``[batch, seq, vocab]`` of ``shape`` (the full model when None), with the shape's depth maps
+        when depth reconstruction is on. No padding support: sequences are packed to equal length."""
         shape = shape or self.full_shape()
+        maps = self.depth_maps(shape)
         h, pos = self.embed(input_ids)
-        h = self.run_layers(h, pos, self.widths(shape), shape.layers, observe)
+        h = self.run_layers(h, pos, self.widths(shape), shape.layers, observe, maps)
         return self.head(h)
 
 

@@ -82,9 +82,13 @@ def load_smol_weights(folder: str | Path) -> dict:
         raise CheckpointError(f"cannot read {path} ({exc})", fix="use another checkpoint of the run") from exc
 
 
-def load_trained_elastic(ckpt_dir: str | Path) -> tuple[ElasticLM, Plan, ShapeGate | None]:
+def load_trained_elastic(ckpt_dir: str | Path, *, compensate: str | bool | None = None,
+                         depth_maps: bool | None = None) -> tuple[ElasticLM, Plan, ShapeGate | None]:
     """The plan's elastic model with the trained SMoL adapters attached, its plan and the shared gate
-    (None for single-LoRA). Call :func:`merge_for_shape` before reading ``effective_weight()``."""
+    (None for single-LoRA). Call :func:`merge_for_shape` before reading ``effective_weight()``.
+
+    Compensation defaults to what the run trained with. Depth maps (plan default) are fitted per shape on
+    the LoRA-merged weights — the weights the extracted subnet will have — the first time a shape runs."""
     from ..plan import load_elastic
     from .model import SMoLModel, merge_for_shape
 
@@ -93,7 +97,8 @@ def load_trained_elastic(ckpt_dir: str | Path) -> tuple[ElasticLM, Plan, ShapeGa
     if not (plan_dir / "meta.json").is_file():
         raise CheckpointError(f"the plan {plan_dir} that {ckpt_dir} was trained on is missing",
                               fix="restore the plan folder or re-train")
-    elastic, plan = load_elastic(plan_dir, compensate=meta.get("compensate"))
+    comp = meta.get("compensate") if compensate is None else compensate
+    elastic, plan = load_elastic(plan_dir, compensate=comp, depth_maps=depth_maps)
     wrapper = SMoLModel(elastic, smol_config_of(meta))
     wrapper.load_trainable_state(load_smol_weights(ckpt_dir))
     wrapper.eval()

@@ -102,7 +102,7 @@ class Run:
 
     def elastic_meta(self, step: int, *, final: bool) -> dict[str, Any]:
         return {"kind": ELASTIC_KIND, "version": ELASTIC_VERSION, "plan_dir": str(self.plan_dir),
-                "model_dir": str(self.plan.model_dir), "compensate": bool(self.plan.config.compensate),
+                "model_dir": str(self.plan.model_dir), "compensate": self.plan.config.compensate,
                 "smol": self.config.to_dict()["smol"], "train": self.config.to_dict(), "step": step,
                 "final": final, "weights": WEIGHTS, "world_size": self.acc.num_processes}
 
@@ -161,7 +161,9 @@ def train(plan_dir: str | Path, config: TrainConfig, out: str | Path, *, resume:
                                 fix="pass --resume to continue it, --force to start over, or another --out")
     space = ShapeSpace.from_plan(plan, config.width_mode)
 
-    elastic, _ = load_elastic(plan_dir)
+    # Depth maps are fitted per shape on fixed weights: training (random shapes, moving LoRA) runs without
+    # them; extraction of the trained checkpoint fits them on the merged weights.
+    elastic, _ = load_elastic(plan_dir, depth_maps=False)
     if config.mixed_precision == "bf16":  # frozen base in bf16 halves its memory; LoRA stays fp32
         elastic.to(torch.bfloat16)
     model = SMoLModel(elastic, config.smol, seed=config.seed, gradient_checkpointing=config.gradient_checkpointing)

@@ -15,7 +15,7 @@ from .depth_baselines import block_influence, block_influence_selection, drop_la
 from .depth_dp import DepthSearch, dp_layer_selection
 from .depth_scores import SuffixChoiceError, SuffixPerplexity
 from .plan import Plan, PlanConfig, max_removed_layers
-from .width_importance import collect_stats, rank_layer
+from .width_importance import collect_stats, layer_covariance, rank_layer
 
 
 def build_plan(model: str | Path | None, config: PlanConfig | None = None, *, progress: bool = True,
@@ -33,8 +33,11 @@ def build_plan(model: str | Path | None, config: PlanConfig | None = None, *, pr
     depth_rows = chunks(calib, config.depth_seq_len, config.depth_tokens, spread=spread)
 
     t0 = time.perf_counter()
-    attn, mlp = collect_stats(elastic, width_rows, progress=progress)
+    # One pass gathers the importance statistics and the input covariances least-squares reconstruction needs.
+    attn, mlp = collect_stats(elastic, width_rows, gram=True, progress=progress)
     rankings = tuple(rank_layer(elastic, i, attn[i], mlp[i]) for i in range(n))
+    covariances = tuple(layer_covariance(elastic, rankings[i], attn[i], mlp[i]) for i in range(n))
+    del attn, mlp
     width_seconds = time.perf_counter() - t0
 
     max_removed = max_removed_layers(n, config.max_removed)
@@ -64,7 +67,8 @@ def build_plan(model: str | Path | None, config: PlanConfig | None = None, *, pr
         "total_seconds": round(time.perf_counter() - started, 2),
     }
     return Plan(model_dir=str(model_dir), dims=elastic.dims, config=config,
-                depth_tables={m: s.kept(n) for m, s in searches.items()}, rankings=rankings, stats=stats)
+                depth_tables={m: s.kept(n) for m, s in searches.items()}, rankings=rankings, stats=stats,
+                calibration_rows=width_rows, layer_covariances=covariances)
 
 
 def choice_scorer(elastic, tokenizer, task_name: str) -> SuffixChoiceError:

@@ -1,8 +1,11 @@
 """Plans: the depth tables and width rankings a model's subnets are cut from.
 
 A plan folder holds ``plan.json`` (config, depth tables of the DP and both baselines, search cost),
-``width.safetensors`` (per-layer permutations, standardised unit scores, input means for compensation)
-and ``meta.json``. Any shape is then a cheap function of (depth, width ratio, mode).
+``width.safetensors`` (per-layer permutations, standardised unit scores, input means for compensation, and
+the calibration rows the depth maps are fitted on), ``gram.safetensors`` (per layer, the input covariance of
+``o_proj`` and ``down_proj`` in importance order, upper triangle, float32: ≈ 160 MB for SmolLM2-135M, read
+only when least-squares compensation is used) and ``meta.json``. Any shape is then a cheap function of
+(depth, width ratio, mode), and its reconstruction a closed-form solve plus one short calibration pass.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +21,21 @@ import torch
 
 from ..artifacts import atomic_dir, read_meta, write_json, write_meta
 from ..errors import CheckpointError, ConfigError, ShapeError
+from ..reconstruct import (
+    COMPENSATE_MODES,
+    DepthReconstruction,
+    LayerCovariance,
+    LeastSquaresCompensation,
+    MeanCompensation,
+)
+from ..reconstruct.channels import DEFAULT_RIDGE, pack_symmetric, unpack_symmetric
+from ..reconstruct.depth_maps import DEFAULT_DEPTH_RIDGE
 from ..shape import ModelDims, Shape
 from .width_importance import LayerRanking
 
-PLAN_VERSION = 1
+# 2: channel-level standardisation of the width scores (FLAP), input covariances, calibration rows
+PLAN_VERSION = 2
+GRAM_FILE = "gram.safetensors"
 DEPTH_METHODS = ("dp", "block_influence", "drop_last")
 WIDTH_MODES = ("global", "uniform")
 
@@ -44,7 +59,15 @@ class PlanConfig:
     keep_last: bool = True
     width_ratios: tuple[float, ...] = (1.0, 0.875, 0.75, 0.625, 0.5)
     round_to: int = 32  # MLP widths are multiples of this (quantizer block sizes prefer 32/256)
-    compensate: bool = True  # default for extraction: FLAP bias compensation
+    # Extraction defaults. compensate: "lstsq" (refit kept o_proj/down_proj columns + bias by least squares),
+    # "mean" (FLAP: removed channels' mean contribution as a bias) or "none".
+    compensate: str = "lstsq"
+    width_ridge: float = DEFAULT_RIDGE
+    # Depth maps (ReplaceMe) fitted at extraction on up to this many of the width calibration tokens: one pass of
+    # the full model and the subnet, a few seconds for a 135M model on 2 cores (README, "Reconstruction").
+    depth_maps: bool = True
+    depth_map_tokens: int = 4096
+    depth_ridge: float = DEFAULT_DEPTH_RIDGE
     version: int = PLAN_VERSION
 
     def problems(self) -> list[str]:
@@ -66,6 +89,12 @@ class PlanConfig:
             out.append("width_ratios must be in (0, 1]")
         if self.round_to < 1:
             out.append("round_to must be ≥ 1")
+        if self.compensate not in COMPENSATE_MODES:
+            out.append(f"compensate {self.compensate!r}: supported are: {', '.join(COMPENSATE_MODES)}")
+        if self.width_ridge < 0 or self.depth_ridge < 0:
+            out.append("width_ridge and depth_ridge must be ≥ 0")
+        if self.depth_map_tokens < self.seq_len:
+            out.append("depth_map_tokens must be ≥ seq_len")
         return out
 
     def validate(self) -> PlanConfig:
@@ -93,6 +122,10 @@ class Plan:
     rankings: tuple[LayerRanking, ...] = field(repr=False)
     stats: dict[str, Any] = field(default_factory=dict)
     path: str | None = None
+    # The width calibration rows ([n, seq_len] token ids): depth maps are fitted on them at extraction.
+    calibration_rows: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    # Per-layer input covariances; None on a loaded plan until ``covariances`` reads gram.safetensors.
+    layer_covariances: tuple[LayerCovariance, ...] | None = field(default=None, repr=False, compare=False)
 
     # -- shapes -------------------------------------------------------------------------------------
     @property
@@ -207,12 +240,25 @@ class Plan:
             out.append((q, kv, self._round_mlp(mlp_keep[layer], r)))
         return out
 
-    def params_for(self, shape: Shape, compensate: bool | None = None) -> int:
-        comp = self.config.compensate if compensate is None else compensate
-        return shape.num_params(self.dims, bias=comp)
+    def compensation_mode(self, compensate: str | bool | None = None) -> str:
+        """A compensation mode from a CLI/API value: None → the plan's default; True/False (older callers and
+        checkpoints) → the plan's default mode (least squares if that is "none") / "none"."""
+        if compensate is None:
+            return self.config.compensate
+        if compensate is True:
+            return self.config.compensate if self.config.compensate != "none" else "lstsq"
+        if compensate is False:
+            return "none"
+        if compensate not in COMPENSATE_MODES:
+            raise ConfigError("compensation", [f"unknown mode {compensate!r}"],
+                              fix=f"use one of: {', '.join(COMPENSATE_MODES)}")
+        return compensate
+
+    def params_for(self, shape: Shape, compensate: str | bool | None = None) -> int:
+        return shape.num_params(self.dims, bias=self.compensation_mode(compensate) != "none")
 
     def width_for_params(self, depth: int, max_params: int, mode: str = "global", *,
-                         compensate: bool | None = None) -> Shape | None:
+                         compensate: str | bool | None = None) -> Shape | None:
         """The widest shape of ``depth`` layers within ``max_params`` (bisection on the width ratio)."""
         lo, hi = 0.05, 1.0
         if self.params_for(self.shape(depth, lo, mode), compensate) > max_params:
@@ -228,7 +274,7 @@ class Plan:
         return self.shape(depth, math.floor(lo * 1e4) / 1e4, mode)  # rounding up could break the budget
 
     def shapes_for_params(self, max_params: int, mode: str = "global", *,
-                          compensate: bool | None = None) -> list[Shape]:
+                          compensate: str | bool | None = None) -> list[Shape]:
         """One candidate per plan depth: the widest shape of that depth within ``max_params``."""
         shapes = [self.width_for_params(d, max_params, mode, compensate=compensate) for d in self.depths]
         shapes = [s for s in shapes if s is not None]
@@ -241,8 +287,9 @@ class Plan:
 
     # -- elastic model ------------------------------------------------------------------------------
     @torch.no_grad()
-    def apply(self, elastic, *, compensate: bool | None = None) -> None:
-        """Permute an ElasticLM (built from this plan's model, not yet permuted) by importance."""
+    def apply(self, elastic, *, compensate: str | bool | None = None, depth_maps: bool | None = None) -> None:
+        """Permute an ElasticLM (built from this plan's model, not yet permuted) by importance and attach the
+        reconstruction: width compensation per layer and, when ``depth_maps``, depth maps fitted per shape."""
         if getattr(elastic, "plan_applied", False):
             raise ShapeError("this elastic model already has a plan applied", fix="build a fresh one")
         if ModelDims.from_config(elastic.config) != self.dims:
@@ -250,12 +297,50 @@ class Plan:
                                   fix=f"use the plan's model {self.model_dir} or re-run amoeba plan")
         for layer, rk in enumerate(self.rankings):
             elastic.reorder_(layer, heads=rk.head_perm, mlp=rk.mlp_perm)
-        comp = self.config.compensate if compensate is None else compensate
-        if comp:
-            elastic.set_compensation([r.attn_mean for r in self.rankings], [r.mlp_mean for r in self.rankings])
+        mode = self.compensation_mode(compensate)
+        if mode == "mean":
+            elastic.set_compensation([{"o_proj": MeanCompensation(r.attn_mean),
+                                       "down_proj": MeanCompensation(r.mlp_mean)} for r in self.rankings], mode)
+        elif mode == "lstsq":
+            ridge = self.config.width_ridge
+            elastic.set_compensation(
+                [{"o_proj": LeastSquaresCompensation(r.attn_mean, c.attn, ridge),
+                  "down_proj": LeastSquaresCompensation(r.mlp_mean, c.mlp, ridge)}
+                 for r, c in zip(self.rankings, self.covariances)], mode)
         else:
-            elastic.set_compensation(None, None)
+            elastic.set_compensation(None)
+        use_maps = self.config.depth_maps if depth_maps is None else depth_maps
+        elastic.set_depth_reconstruction(
+            DepthReconstruction(self.depth_map_rows(), ridge=self.config.depth_ridge) if use_maps else None)
         elastic.plan_applied = True
+
+    def depth_map_rows(self) -> torch.Tensor:
+        """``depth_map_tokens`` of the calibration rows, evenly spread over them."""
+        rows = self.calibration_rows
+        if rows is None:
+            raise CheckpointError("this plan holds no calibration rows for depth maps", fix="re-run amoeba plan")
+        n = max(1, min(rows.shape[0], self.config.depth_map_tokens // rows.shape[1]))
+        return rows[torch.linspace(0, rows.shape[0] - 1, n).round().long()]
+
+    @cached_property
+    def covariances(self) -> tuple[LayerCovariance, ...]:
+        """Per-layer input covariances (read from gram.safetensors on first use)."""
+        if self.layer_covariances is not None:
+            return self.layer_covariances
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        path = Path(self.path or "") / GRAM_FILE
+        try:
+            t = load_file(str(path))
+            d = self.dims
+            q_dim = d.num_heads * d.head_dim
+            return tuple(LayerCovariance(attn=unpack_symmetric(t[f"layer.{i}.attn_cov"], q_dim),
+                                         mlp=unpack_symmetric(t[f"layer.{i}.mlp_cov"], d.intermediate_size))
+                         for i in range(d.num_layers))
+        except (OSError, SafetensorError, KeyError) as exc:
+            raise CheckpointError(f"cannot read the input covariances {path} ({exc})",
+                                  fix="re-run amoeba plan, or extract with --compensate mean") from exc
 
     # -- persistence --------------------------------------------------------------------------------
     def save(self, out: str | Path, *, force: bool = False, extra_meta: dict[str, Any] | None = None) -> Path:
@@ -265,6 +350,13 @@ class Plan:
         for i, rk in enumerate(self.rankings):
             for key, value in asdict(rk).items():
                 tensors[f"layer.{i}.{key}"] = value.contiguous()
+        if self.calibration_rows is not None:
+            tensors["calibration.rows"] = self.calibration_rows.to(torch.int32).contiguous()
+        gram = {}
+        if self.layer_covariances is not None or self.path is not None:
+            for i, cov in enumerate(self.covariances):
+                gram[f"layer.{i}.attn_cov"] = pack_symmetric(cov.attn)
+                gram[f"layer.{i}.mlp_cov"] = pack_symmetric(cov.mlp)
         body = {
             "version": PLAN_VERSION,
             "model_dir": self.model_dir,
@@ -275,6 +367,8 @@ class Plan:
         }
         with atomic_dir(out, force=force) as tmp:
             save_file(tensors, str(tmp / "width.safetensors"))
+            if gram:
+                save_file(gram, str(tmp / GRAM_FILE))
             write_json(tmp / "plan.json", body)
             write_meta(tmp, {"kind": "plan", "version": PLAN_VERSION, "model_dir": self.model_dir,
                              **(extra_meta or {})})
@@ -300,22 +394,27 @@ class Plan:
             rankings = tuple(LayerRanking(**{k: tensors[f"layer.{i}.{k}"] for k in fields})
                              for i in range(dims.num_layers))
             tables = {m: {int(k): tuple(v) for k, v in t.items()} for m, t in body["depth_tables"].items()}
+            rows = tensors.get("calibration.rows")
             return cls(model_dir=body["model_dir"], dims=dims, config=PlanConfig.from_dict(body["config"]),
-                       depth_tables=tables, rankings=rankings, stats=body.get("stats", {}), path=str(path))
+                       depth_tables=tables, rankings=rankings, stats=body.get("stats", {}), path=str(path),
+                       calibration_rows=None if rows is None else rows.long())
         except (KeyError, TypeError) as exc:
             raise CheckpointError(f"plan {path} is incomplete (missing {exc})", fix="re-run amoeba plan") from exc
 
 
-def load_elastic(plan_dir: str | Path, *, compensate: bool | None = None, plan: Plan | None = None):
+def load_elastic(plan_dir: str | Path, *, compensate: str | bool | None = None, plan: Plan | None = None,
+                 depth_maps: bool | None = None):
     """The plan's model, made elastic and permuted by the plan: ``(ElasticLM, Plan)``.
 
-    ``plan``: the already-loaded plan of ``plan_dir``, to skip reading it again."""
+    ``plan``: the already-loaded plan of ``plan_dir``, to skip reading it again. ``compensate`` and
+    ``depth_maps`` default to the plan's config; training passes ``depth_maps=False`` (maps are cached per
+    shape and would go stale as the weights change)."""
     from ..elastic import make_elastic
     from ..modelio import load_model
 
     plan = plan or Plan.load(plan_dir)
     elastic = make_elastic(load_model(plan.model_dir))
-    plan.apply(elastic, compensate=compensate)
+    plan.apply(elastic, compensate=compensate, depth_maps=depth_maps)
     return elastic, plan
 
 

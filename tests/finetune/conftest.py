@@ -13,6 +13,7 @@ def make_plan(model_dir: Path, out: Path, seed: int = 0) -> Path:
     from amoeba_export.modelio import load_model
     from amoeba_export.plan import Plan, PlanConfig
     from amoeba_export.plan.width_importance import LayerRanking
+    from amoeba_export.reconstruct import LayerCovariance
     from amoeba_export.shape import ModelDims
 
     elastic = make_elastic(load_model(model_dir))
@@ -33,8 +34,17 @@ def make_plan(model_dir: Path, out: Path, seed: int = 0) -> Path:
             mlp_mean=0.1 * torch.randn(dims.intermediate_size, generator=gen)))
     n = dims.num_layers
     table = {n: tuple(range(n)), n - 1: (0, 1, n - 1), n - 2: (0, n - 1)}
+
+    def covariance(size: int) -> torch.Tensor:  # random, well-conditioned, for least-squares compensation
+        a = torch.randn(size, 2 * size, generator=gen)
+        return a @ a.T / (2 * size)
+
+    covariances = tuple(LayerCovariance(covariance(dims.num_heads * dims.head_dim),
+                                        covariance(dims.intermediate_size)) for _ in range(n))
+    rows = torch.randint(0, dims.vocab_size, (4, 32), generator=gen)  # depth-map calibration rows
     plan = Plan(model_dir=str(model_dir), dims=dims, config=PlanConfig(round_to=8),
-                depth_tables={"dp": table}, rankings=tuple(rankings))
+                depth_tables={"dp": table}, rankings=tuple(rankings), calibration_rows=rows,
+                layer_covariances=covariances)
     return plan.save(out)
 
 

@@ -5,6 +5,7 @@ import torch
 
 from amoeba_export.errors import CheckpointError, ShapeError
 from amoeba_export.plan import Plan, load_elastic
+from amoeba_export.plan.plan import PLAN_VERSION
 
 
 def test_plan_round_trip(tiny_plan_dir):
@@ -89,7 +90,7 @@ def test_corrupt_plan(tiny_plan_dir, tmp_path):
     (bad / "meta.json").unlink()
     with pytest.raises(CheckpointError, match="no meta.json"):
         Plan.load(bad)
-    assert body["version"] == 1
+    assert body["version"] == PLAN_VERSION
 
 
 def test_config_reports_every_problem_at_once():

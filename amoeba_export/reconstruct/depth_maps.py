@@ -1,0 +1,131 @@
+"""Depth reconstruction (ReplaceMe): one linear map per run of removed layers, merged into ``down_proj``.
+
+For a maximal run of removed layers ``a..b`` the kept layer ``p = a − 1`` before it computes
+``out = r + m`` (``r``: its residual stream after attention, ``m``: its MLP's output). The map ``T`` makes
+``r + T m`` stand in for the full model's hidden state after layer ``b``::
+
+    T = argmin_T  Σ_tokens ||T m − (h_b^full − r)||²  +  λ ||T||²
+
+fit in closed form (float64) on calibration tokens, with ``m`` and ``r`` taken from the *pruned* model (its
+earlier maps and width refits already applied), so each map corrects what the subnet really feeds it. ``T`` is
+linear, so it merges into the preceding layer: ``down_proj.weight ← T W``, ``down_proj.bias ← T b`` — the
+model stays a stock architecture with no extra tensors.
+
+A run that starts at layer 0 has no preceding layer. Folding its map into the embedding would change the
+token embedding matrix, which most small models tie to ``lm_head`` (SmolLM2 does), so the map could not be
+merged without untying them and adding a vocab × hidden matrix; such a run is left unreconstructed and
+reported in ``DepthMaps.skipped``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from ..elastic import ElasticLM
+    from ..shape import Shape
+
+# Relative to the mean of diag(MᵀM); MLP outputs of a 576-wide model over a few thousand tokens are well
+# conditioned, so this only guards against a degenerate (e.g. all-zero) direction.
+DEFAULT_DEPTH_RIDGE = 1e-4
+
+
+@dataclass(frozen=True)
+class DepthMaps:
+    """Fitted maps of one shape: kept layer (original index) → ``T`` [hidden, hidden] on its MLP output."""
+
+    maps: dict[int, torch.Tensor]
+    skipped: tuple[tuple[int, int], ...] = ()  # removed runs (first, last) with no preceding layer
+    tokens: int = 0
+    seconds: float = 0.0
+
+    def describe(self) -> dict[str, object]:
+        return {"depth_maps": sorted(self.maps), "skipped_runs": [list(r) for r in self.skipped],
+                "calibration_tokens": self.tokens, "fit_seconds": round(self.seconds, 3)}
+
+
+def removed_runs(layers: tuple[int, ...], num_layers: int) -> list[tuple[int, int]]:
+    """Maximal runs ``(first, last)`` of layer indices not in ``layers``."""
+    kept, runs, start = set(layers), [], None
+    for i in range(num_layers + 1):
+        if i < num_layers and i not in kept:
+            start = i if start is None else start
+        elif start is not None:
+            runs.append((start, i - 1))
+            start = None
+    return runs
+
+
+def fit_linear_map(inputs: torch.Tensor, targets: torch.Tensor, *, ridge: float = DEFAULT_DEPTH_RIDGE,
+                   ) -> torch.Tensor:
+    """``T`` minimising ``||inputs Tᵀ − targets||² + λ||T||²`` (rows are tokens), solved in float64."""
+    a = inputs.reshape(-1, inputs.shape[-1]).double()
+    b = targets.reshape(-1, targets.shape[-1]).double()
+    gram = a.T @ a
+    lam = ridge * float(gram.diagonal().mean().clamp_min(1e-12))
+    t_transposed = torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype), a.T @ b)
+    return t_transposed.T.float().contiguous()
+
+
+@torch.no_grad()
+def fit_depth_maps(elastic: ElasticLM, shape: Shape, rows: torch.Tensor, *,
+                   ridge: float = DEFAULT_DEPTH_RIDGE) -> DepthMaps:
+    """One calibration pass of the full model (up to the last run) and of the subnet, with maps fitted in
+    order so that each later map sees the earlier ones applied."""
+    start = time.perf_counter()
+    n = elastic.dims.num_layers
+    runs = removed_runs(shape.layers, n)
+    fitted = [r for r in runs if r[0] > 0]
+    skipped = tuple(r for r in runs if r[0] == 0)
+    if not fitted:
+        return DepthMaps({}, skipped)
+    ends = {last for _, last in fitted}
+    full = elastic.widths(elastic.full_shape())
+    targets: dict[int, torch.Tensor] = {}
+    h, pos = elastic.embed(rows)
+    for layer in range(max(ends) + 1):
+        h = elastic.layers[layer](h, pos, full[layer])
+        if layer in ends:
+            targets[layer] = h
+    run_after = {first - 1: last for first, last in fitted}  # preceding kept layer → last removed layer
+    widths = elastic.widths(shape)
+    maps: dict[int, torch.Tensor] = {}
+    h, _ = elastic.embed(rows)
+    for layer in shape.layers:
+        if layer > max(run_after):
+            break
+        residual, mlp_out = elastic.layers[layer].sublayers(h, pos, widths[layer])
+        if layer in run_after:
+            maps[layer] = fit_linear_map(mlp_out, targets[run_after[layer]] - residual, ridge=ridge)
+            mlp_out = torch.nn.functional.linear(mlp_out, maps[layer].to(mlp_out.dtype))
+        h = residual + mlp_out
+    return DepthMaps(maps, skipped, tokens=int(rows.numel()), seconds=time.perf_counter() - start)
+
+
+@dataclass
+class DepthReconstruction:
+    """Fits (and keeps the latest few) depth maps per shape from a fixed set of calibration rows.
+
+    Maps are cached by shape: the elastic model's weights must not change while this is attached (training
+    runs with depth reconstruction off; a trained checkpoint's shape-specific LoRA mix is fixed per shape)."""
+
+    rows: torch.Tensor  # [n, seq] calibration token ids
+    ridge: float = DEFAULT_DEPTH_RIDGE
+    keep: int = 8
+    _cache: OrderedDict = field(default_factory=OrderedDict, repr=False)
+
+    def maps_for(self, elastic: ElasticLM, shape: Shape) -> DepthMaps:
+        key = (shape.layers, shape.q_heads, shape.kv_heads, shape.mlp)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        maps = fit_depth_maps(elastic, shape, self.rows, ridge=self.ridge)
+        self._cache[key] = maps
+        while len(self._cache) > self.keep:
+            self._cache.popitem(last=False)
+        return maps

@@ -1,0 +1,62 @@
+"""Depth maps: identity on an empty run, mergeable into down_proj, and skipped where nothing precedes them."""
+
+import torch
+
+from amoeba_export.elastic import make_elastic
+from amoeba_export.reconstruct import fit_depth_maps, fit_linear_map, removed_runs
+from amoeba_export.shape import Shape
+from amoeba_export.testing import tiny_llama
+
+IDS = torch.randint(0, 320, (3, 24), generator=torch.Generator().manual_seed(5))
+
+
+def _elastic():
+    return make_elastic(tiny_llama(layers=5, heads=6, kv_heads=2, hidden=96, intermediate=128))
+
+
+def test_removed_runs():
+    assert removed_runs((1, 2, 5), 7) == [(0, 0), (3, 4), (6, 6)]
+    assert removed_runs((0, 1, 2), 3) == []
+
+
+@torch.no_grad()
+def test_map_over_a_run_of_zero_layers_is_the_identity():
+    """Fitting the kept layer's own output (nothing removed after it) gives T = I."""
+    elastic = _elastic()
+    ids = torch.randint(0, 320, (8, 64), generator=torch.Generator().manual_seed(6))  # 512 tokens > 96 dims
+    h, pos = elastic.embed(ids)
+    width = elastic.widths(elastic.full_shape())[1]
+    residual, mlp_out = elastic.layers[1].sublayers(h, pos, width)
+    t = fit_linear_map(mlp_out, (residual + mlp_out) - residual, ridge=0.0)
+    torch.testing.assert_close(t, torch.eye(t.shape[0]), atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_merged_map_equals_applying_it():
+    elastic = _elastic()
+    shape = Shape((0, 1, 4), (6, 6, 6), (2, 2, 2), (128, 128, 128))
+    maps = fit_depth_maps(elastic, shape, IDS)
+    assert sorted(maps.maps) == [1] and maps.skipped == ()
+    explicit = elastic.head(elastic.run_layers(*elastic.embed(IDS), elastic.widths(shape), shape.layers, maps=maps))
+    down = elastic.layers[1].down_proj
+    down.weight.data = maps.maps[1] @ down.weight.data
+    merged = elastic(IDS, shape)
+    torch.testing.assert_close(merged, explicit, atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_map_brings_the_subnet_closer_to_the_full_model():
+    elastic = _elastic()
+    shape = Shape((0, 1, 4), (6, 6, 6), (2, 2, 2), (128, 128, 128))
+    full = elastic(IDS)
+    plain = elastic(IDS, shape)
+    maps = fit_depth_maps(elastic, shape, IDS)
+    h, pos = elastic.embed(IDS)
+    mapped = elastic.head(elastic.run_layers(h, pos, elastic.widths(shape), shape.layers, maps=maps))
+    assert (mapped - full).pow(2).mean() < (plain - full).pow(2).mean()
+
+
+def test_run_from_layer_zero_is_skipped():
+    elastic = _elastic()
+    maps = fit_depth_maps(elastic, Shape((2, 3, 4), (6,) * 3, (2,) * 3, (128,) * 3), IDS)
+    assert maps.maps == {} and maps.skipped == ((0, 1),)
