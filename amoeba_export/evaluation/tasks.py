@@ -119,6 +119,14 @@ def load_bigbench_task(name: str) -> MCTask:
     return parse_task(json.loads(path.read_text()), name)
 
 
+def load_bigbench_tasks(names: Sequence[str]) -> list[MCTask]:
+    """Several tasks, extracting the missing ones in one pass over the sdist (a pass takes about a minute)."""
+    missing = {n for n in names if not (_tasks_dir() / n / "task.json").is_file() and n in bigbench_task_names()}
+    if missing:
+        _scan(missing)
+    return [load_bigbench_task(n) for n in names]
+
+
 def continuation_logprob(runner, context_ids: Sequence[int], continuation_ids: Sequence[int]) -> tuple[float, bool]:
     """Summed log p(continuation | context) and whether it is the greedy continuation."""
     if not context_ids or not continuation_ids:
@@ -147,15 +155,36 @@ def split_encode(tokenizer, context: str, continuation: str) -> tuple[list[int],
 
 def evaluate_mc(runner, tokenizer, task: MCTask, *, limit: int | None = None, progress: bool = True
                 ) -> dict[str, Any]:
-    """Accuracy of ``runner`` on ``task`` (multiple choice by summed log-likelihood)."""
+    """Accuracy of ``runner`` on ``task`` (multiple choice by summed log-likelihood).
+
+    ``z_vs_chance`` is how many standard errors the number correct lies above what uniform guessing expects:
+    each example is a Bernoulli trial with p = |correct| / |choices| under guessing, so the count has mean
+    Σp and variance Σp(1 − p).
+    """
     examples = task.examples[:limit] if limit else task.examples
     correct = 0
     for ex in tqdm(examples, desc=task.name, unit="ex", disable=not progress):
         scores = [continuation_logprob(runner, *split_encode(tokenizer, ex.prompt, c))[0] for c in ex.choices]
         correct += int(int(np.argmax(scores)) in ex.correct)
     n = len(examples)
+    p = np.array([len(e.correct) / len(e.choices) for e in examples])
+    spread = float(np.sqrt((p * (1 - p)).sum()))
     return {"task": task.name, "correct": correct, "total": n, "accuracy": correct / n,
-            "chance": float(np.mean([len(e.correct) / len(e.choices) for e in examples]))}
+            "chance": float(p.mean()), "z_vs_chance": (correct - float(p.sum())) / spread if spread else 0.0}
+
+
+class LogitsRunner:
+    """Any logits function (``[b, t]`` ids → ``[b, t, vocab]``: an elastic shape, an HF model) as a scorer's
+    runner, so multiple-choice tasks run on a shape without exporting it."""
+
+    def __init__(self, logits_fn) -> None:
+        self.logits_fn = logits_fn
+
+    def logits(self, ids: Sequence[int]) -> np.ndarray:
+        import torch
+
+        with torch.no_grad():
+            return self.logits_fn(torch.tensor([list(ids)]))[0].float().numpy()
 
 
 def artifact_tokenizer(artifact_dir: str | Path):

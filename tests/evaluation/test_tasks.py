@@ -77,6 +77,21 @@ def test_evaluate_mc_counts_the_highest_scoring_choice(tiny):
     assert t.evaluate_mc(runner, tok, t.MCTask("b", "", tuple(best)), progress=False)["accuracy"] == 1.0
     result = t.evaluate_mc(runner, tok, t.MCTask("w", "", tuple(worst)), progress=False)
     assert (result["correct"], result["total"]) == (0, 2)
+    # one right choice of 2, then of 3: guessing gets 1/2 + 1/3 right on average with variance 1/4 + 2/9, so
+    # 0 correct lies 1.21 standard errors below chance
+    assert result["z_vs_chance"] == pytest.approx(-(5 / 6) / (1 / 4 + 2 / 9) ** 0.5)
+
+
+def test_any_logits_function_runs_as_a_runner(tiny):
+    from amoeba_export.evaluation.perplexity import hf_logits_fn
+    from amoeba_export.modelio import load_model
+
+    path, runner, tok = tiny
+    ids = tok("the cat sat on the mat")["input_ids"]
+    wrapped = t.LogitsRunner(hf_logits_fn(load_model(path)))
+    np.testing.assert_allclose(wrapped.logits(ids), runner.logits(ids), atol=1e-5, rtol=0)
+    task = t.parse_task(TASK, "toy")
+    assert t.evaluate_mc(wrapped, tok, task, progress=False) == t.evaluate_mc(runner, tok, task, progress=False)
 
 
 def test_runner_as_lm_eval_model(tiny, tmp_path):
