@@ -27,7 +27,12 @@ model guesses never dilutes the comparison. The candidates' full-model scores ar
 
     python bench/selection_quality.py [--tokens 4096] [--task-examples 100]
 
-Runtime (2-core CPU, OMP_NUM_THREADS=1): see README ("Selection quality").
+Runtime (2-core CPU shared with other jobs, OMP_NUM_THREADS=1, SmolLM2-135M at ~6 ms per token): choosing
+tasks scores the 13 candidates on the full model, 18-120 s each for up to 100 examples; each shape then costs
+two perplexities of ``--tokens`` (about 50 s at 4,096) plus the kept tasks (roughly 40-120 s per task at 100
+examples), so the 15 shapes take on the order of an hour on that machine. ``--task-examples 50`` halves the task
+part (at a standard error of ~7 points instead of ~5); ``evaluate(forward, tasks=False)`` skips it for a column.
+The whole bench ran end to end on a tiny random model (57 s); a full run on SmolLM2-135M is still to be timed.
 """
 
 from __future__ import annotations
