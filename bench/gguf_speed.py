@@ -36,7 +36,7 @@ from amoeba_export.backends.gguf.quantize import census, quantize
 from amoeba_export.backends.meta import export_meta, model_summary, tool_versions
 from amoeba_export.benchmark import bench_artifact
 from amoeba_export.benchmark.harness import default_threads, measure_bandwidth
-from amoeba_export.errors import ResourceError
+from amoeba_export.errors import AmoebaError, ResourceError
 from amoeba_export.evaluation.validate import validate_artifact
 from amoeba_export.modelio import resolve_model
 from amoeba_export.paths import cache_subdir
@@ -76,8 +76,6 @@ def compare_builds(ours: dict[str, Artifact], native: Path, threads: int, repeat
     """Decode tok/s of the installed (portable) build vs the native build, round-robin per quant type.
 
     A build that crashes on this CPU (the native one on AMX Xeons) is a row marked with its error."""
-    from amoeba_export.errors import AmoebaError
-
     builds = {"portable": None, "native": str(native)}
     decode: dict[str, dict[str, list[float]]] = {q: {b: [] for b in builds} for q in BUILD_QUANTS}
     errors: dict[str, dict[str, str]] = {q: {} for q in BUILD_QUANTS}
@@ -197,8 +195,14 @@ def main() -> int:
     ours, validation, failed = {}, {}, []
     for quant in quants:
         ours[quant] = gguf.export(hf_dir, work / f"ours-{quant}", quant, force=True, progress=False)
-        report = validate_artifact(ours[quant].path, hf_dir, max_tokens=args.validate_tokens, raise_on_fail=False,
-                                   threads=threads, progress=False)
+        try:
+            report = validate_artifact(ours[quant].path, hf_dir, max_tokens=args.validate_tokens,
+                                       raise_on_fail=False, threads=threads, progress=False)
+        except AmoebaError as exc:  # e.g. the runtime crashed: this row fails, the table is still written
+            print(f"{quant}: error: {exc}", flush=True)
+            validation[quant] = {"passed": False, "error": str(exc)}
+            failed.append(quant)
+            continue
         print(report.table(), flush=True)
         validation[quant] = {k: round(v, 6) for k, v in report.metrics.items()} | {
             "passed": report.passed, "gate": report.gate,

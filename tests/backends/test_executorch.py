@@ -67,7 +67,7 @@ def test_kv_cache_decode_equals_full_sequence(amoeba):
     """Prefill part of the prompt, then one token per call: each step's logits equal the full-sequence ones."""
     model, art = amoeba
     ref = _hf_logits(model, IDS)
-    with get_backend("executorch").load(art) as runner:
+    with get_backend("executorch").load(art, isolated=False) as runner:  # in-process: _step is internal
         steps = [runner._step(IDS[:7], 0)]
         steps += [runner._step([t], i) for i, t in enumerate(IDS[7:], start=7)]
         greedy = runner.generate(IDS[:7], 8)

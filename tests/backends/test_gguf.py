@@ -235,3 +235,15 @@ def test_default_model_f16_passes_its_gate_and_tokenizes_like_hf(gguf, tmp_path)
     with gguf.load(artifact) as runner:
         assert runner.tokenize(SAMPLE) == tok(SAMPLE, add_special_tokens=False)["input_ids"]
     assert os.path.getsize(artifact.model_file) == artifact.meta["model_bytes"]
+
+
+def test_quantized_gguf_decodes_on_this_machine():
+    """Q8_0 and a k-quant through llama-cpp-python as built here; a crash of the runtime fails this test."""
+    from amoeba_export.backends.gguf import selfcheck
+
+    result = selfcheck.run_check()  # uncached: this build on this CPU
+    assert set(result["quants"]) == {"Q8_0", "Q4_K_M"}
+    assert "Q8_0" in result["quants"]["Q8_0"]["types"]
+    assert "Q4_K" in result["quants"]["Q4_K_M"]["types"]  # rows of 256: the k-quant is really used
+    for quant in result["quants"].values():
+        assert len(quant["tokens"]) == selfcheck.NEW_TOKENS

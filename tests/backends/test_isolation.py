@@ -1,7 +1,4 @@
-"""Native runtimes run in a child process: a crash is one clear error naming the file, quant and signal.
-
-Also the install-time check that llama.cpp, as built on this machine, decodes quantized GGUF files.
-"""
+"""Native runtimes run in a child process: a crash is one clear error naming the file, quant and signal."""
 
 from __future__ import annotations
 
@@ -33,16 +30,6 @@ def tiny(tmp_path_factory):
 @pytest.fixture(scope="module")
 def q8(tiny, tmp_path_factory):
     return get_backend("gguf").export(tiny, tmp_path_factory.mktemp("q8") / "a", "Q8_0", progress=False)
-
-
-def test_llama_cpp_decodes_quantized_files_on_this_machine():
-    """Q8_0 and a k-quant through llama-cpp-python as built here; a crash of the runtime fails this test."""
-    result = selfcheck.run_check()
-    assert set(result["quants"]) == {"Q8_0", "Q4_K_M"}
-    assert "Q8_0" in result["quants"]["Q8_0"]["types"]
-    assert "Q4_K" in result["quants"]["Q4_K_M"]["types"]  # rows of 256: the k-quant is really used
-    for quant in result["quants"].values():
-        assert len(quant["tokens"]) == selfcheck.NEW_TOKENS
 
 
 def test_isolated_runner_matches_in_process(q8):

@@ -35,7 +35,8 @@ def per_layer(tmp_path_factory):
 @pytest.fixture(scope="module")
 def runner(per_layer):
     _, artifact, _, _ = per_layer
-    with get_backend("onnx").load(artifact, threads=1) as r:
+    # In-process (isolated=False): these tests look inside the runner (step, cache names).
+    with get_backend("onnx").load(artifact, threads=1, isolated=False) as r:
         yield r
 
 
@@ -113,7 +114,7 @@ def test_quantized_close_to_fp32(per_layer, runner, quant, min_top1, max_err, ca
     assert art.size_bytes < fp32.size_bytes
     rng = np.random.default_rng(0)
     rows = [rng.integers(0, 320, 32).tolist() for _ in range(4)]
-    with backend.load(art, threads=1) as q:
+    with backend.load(art, threads=1, isolated=False) as q:  # in-process: step() is the runner's internal
         got = np.concatenate([q.logits(r) for r in rows])
         want = np.concatenate([runner.logits(r) for r in rows])
         top1 = float((got.argmax(-1) == want.argmax(-1)).mean())
