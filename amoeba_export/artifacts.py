@@ -95,3 +95,36 @@ def file_inventory(folder: str | os.PathLike) -> dict[str, dict[str, Any]]:
         for p in sorted(folder.rglob("*"))
         if p.is_file() and p.name != META
     }
+
+
+def member_path(folder: str | os.PathLike, name: str) -> Path:
+    """``folder / name`` for a file name read from a meta.json, refusing names that leave the folder."""
+    folder = Path(folder)
+    path = folder / name
+    try:
+        path.resolve().relative_to(folder.resolve())
+    except ValueError:
+        raise CheckpointError(f"{folder}/{META} names {name!r}, which is outside the folder",
+                              fix="re-run the stage that wrote it; never edit meta.json by hand") from None
+    return path
+
+
+def verify_files(folder: str | os.PathLike, files: dict[str, dict[str, Any]], *, checksums: bool = True) -> None:
+    """Check the files a meta.json records: inside the folder, present, of the recorded size and — with
+    ``checksums`` — the recorded sha256. Every problem is listed in one CheckpointError."""
+    folder = Path(folder)
+    problems = []
+    for name, record in sorted(files.items()):
+        path = member_path(folder, name)
+        if not path.is_file():
+            problems.append(f"{name} is missing")
+            continue
+        size = path.stat().st_size
+        if record.get("bytes") is not None and size != record["bytes"]:
+            problems.append(f"{name} is truncated or altered ({size} bytes, {META} says {record['bytes']})")
+        elif checksums and record.get("sha256") and sha256_file(path) != record["sha256"]:
+            problems.append(f"{name} does not match its recorded sha256 (altered or corrupt)")
+    if problems:
+        raise CheckpointError(f"{folder} is not the artifact its {META} records: " + "; ".join(problems),
+                              fix="re-run the stage that wrote it with --force")
+

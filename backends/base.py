@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from amoeba_export.artifacts import read_meta
+from amoeba_export.artifacts import member_path, read_meta, verify_files
 from amoeba_export.errors import BackendError, RuntimeMissingError
 
 ARTIFACT_KIND = "export"
@@ -42,7 +42,11 @@ class Artifact:
 
     @property
     def model_file(self) -> Path:
-        return self.path / self.meta["model_file"]
+        return member_path(self.path, self.meta["model_file"])
+
+    def verify(self, *, checksums: bool = True) -> None:
+        """Every file the meta records is in the folder with its recorded size (and sha256 with ``checksums``)."""
+        verify_files(self.path, self.meta.get("files", {}), checksums=checksums)
 
     @property
     def size_bytes(self) -> int:
@@ -110,10 +114,15 @@ class Backend(ABC):
         """Write an artifact folder atomically (see amoeba_export.artifacts.atomic_dir)."""
 
     def load(self, artifact: Artifact, *, threads: int | None = None, isolated: bool = True,
-             **options: Any) -> Runner:
-        """A :class:`Runner` for ``artifact``. ``isolated`` (default): the runtime runs in a child process, so a
-        native crash raises :class:`~amoeba_export.errors.RuntimeCrashError` instead of killing this one; pass
-        False only where the caller already is such a process (the benchmark worker)."""
+             checksums: bool = True, **options: Any) -> Runner:
+        """A :class:`Runner` for ``artifact``, once its files match what its meta records (sizes always, sha256
+        with ``checksums``). ``isolated`` (default): the runtime runs in a child process, so a native crash
+        raises :class:`~amoeba_export.errors.RuntimeCrashError` instead of killing this one; pass False only
+        where the caller already is such a process (the benchmark worker)."""
+        if artifact.backend != self.name:
+            raise BackendError(f"{artifact.path} is a {artifact.backend} artifact, not {self.name}",
+                               fix="load it with its own backend (amoeba_export.backends.load_artifact)")
+        artifact.verify(checksums=checksums)
         if not (isolated and self.isolate):
             return self.open_runner(artifact, threads=threads, **options)
         from .isolation import IsolatedRunner

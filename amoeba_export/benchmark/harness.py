@@ -92,6 +92,7 @@ def bench_artifact(artifact_dir: str | Path, *, threads: int | None = None, prom
         raise BackendError("benchmark needs repeats ≥ 1, prompt_tokens ≥ 1 and new_tokens ≥ 2",
                            fix="pass larger values")
     artifact = Artifact.open(artifact_dir)
+    artifact.verify(checksums=True)  # once here; each worker checks sizes only
     threads = threads or default_threads()
     job = {"mode": "generation", "artifact": str(artifact.path), "threads": threads,
            "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "warmup": warmup,

@@ -69,23 +69,19 @@ class GGUFBackend(Backend):
         return Artifact.open(out_dir)
 
     def load(self, artifact: Artifact, *, threads: int | None = None, isolated: bool = True,
-             selfcheck: bool = True, **options: Any) -> Runner:
+             checksums: bool = True, selfcheck: bool = True, **options: Any) -> Runner:
         """As :meth:`Backend.load`, after checking (once per build and CPU, cached) that llama.cpp decodes
         quantized files on this machine — see :mod:`.selfcheck`."""
         if selfcheck:
             from .selfcheck import ensure_llama_cpp_works
 
             ensure_llama_cpp_works(for_file=artifact.model_file)
-        return super().load(artifact, threads=threads, isolated=isolated, **options)
+        return super().load(artifact, threads=threads, isolated=isolated, checksums=checksums, **options)
 
     def open_runner(self, artifact: Artifact, *, threads: int | None = None, n_ctx: int | None = None) -> Runner:
         from .runner import LlamaCppRunner
 
-        path = artifact.model_file
-        expected = artifact.meta.get("files", {}).get(artifact.meta["model_file"], {}).get("bytes")
+        path = artifact.model_file  # sizes and checksums were verified by load()
         if not path.is_file():
             raise CheckpointError(f"{path} is missing", fix="re-run amoeba export")
-        if expected is not None and path.stat().st_size != expected:
-            raise CheckpointError(f"{path} is truncated or altered ({path.stat().st_size} bytes, meta.json says "
-                                  f"{expected})", fix="re-run amoeba export with --force")
         return LlamaCppRunner(path, threads=threads, n_ctx=n_ctx)

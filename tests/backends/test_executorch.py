@@ -16,7 +16,7 @@ pytest.importorskip("executorch")
 pytest.importorskip("torchao")
 
 from amoeba_export.backends import get_backend, load_artifact  # noqa: E402
-from amoeba_export.errors import BackendError  # noqa: E402
+from amoeba_export.errors import BackendError, CheckpointError  # noqa: E402
 from amoeba_export.testing import tiny_amoeba_llama, tiny_llama, tiny_tokenizer  # noqa: E402
 
 CTX = 32
@@ -114,7 +114,7 @@ def test_corrupt_pte_is_a_clear_error(amoeba, tmp_path):
     data = (bad / "model.pte").read_bytes()
     (bad / "model.pte").write_bytes(data[: len(data) // 3])
     artifact, backend = load_artifact(bad)
-    with pytest.raises(BackendError, match="re-export"):
+    with pytest.raises(CheckpointError, match="model.pte is truncated or altered"):
         backend.load(artifact)
 
 

@@ -164,8 +164,10 @@ def test_truncated_and_corrupt_files_give_clear_errors(gguf, tiny, root, tmp_pat
     with pytest.raises(CheckpointError, match="truncated"):
         gguf.load(artifact)
     artifact.model_file.write_bytes(b"NOTAGGUF" + data[8:])  # same size, bad magic
-    with pytest.raises(CheckpointError, match="llama.cpp cannot load"):
+    with pytest.raises(CheckpointError, match="does not match its recorded sha256"):
         gguf.load(artifact)
+    with pytest.raises(CheckpointError, match="llama.cpp cannot load"):  # unchecked, the runtime says why
+        gguf.load(artifact, checksums=False)
 
 
 def test_bad_inputs(gguf, tiny, tmp_path, monkeypatch):

@@ -10,7 +10,7 @@ import torch
 
 from amoeba_export.backends import get_backend
 from amoeba_export.backends.base import Artifact
-from amoeba_export.errors import BackendError, ConfigError, OutputExistsError
+from amoeba_export.errors import BackendError, CheckpointError, ConfigError, OutputExistsError
 from amoeba_export.testing import tiny_amoeba_llama, tiny_llama, tiny_tokenizer
 
 Q_HEADS, KV_HEADS, MLP = [4, 2, 2], [2, 1, 2], [128, 48, 96]
@@ -160,7 +160,7 @@ def test_corrupt_model_file_gives_clear_error(per_layer, tmp_path):
     shutil.copytree(artifact.path, broken)
     data = (broken / "model.onnx").read_bytes()
     (broken / "model.onnx").write_bytes(data[: len(data) // 2])
-    with pytest.raises(BackendError, match="re-export"):
+    with pytest.raises(CheckpointError, match="model.onnx is truncated or altered"):
         get_backend("onnx").load(Artifact.open(broken))
 
 

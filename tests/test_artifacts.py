@@ -1,0 +1,62 @@
+"""Artifact folders are trusted only when their files match what meta.json records."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from amoeba_export.artifacts import atomic_dir, file_inventory, member_path, verify_files, write_meta
+from amoeba_export.backends.base import Artifact
+from amoeba_export.benchmark import bench_artifact
+from amoeba_export.errors import CheckpointError
+
+
+@pytest.fixture
+def artifact(tmp_path):
+    out = tmp_path / "art"
+    with atomic_dir(out) as tmp:
+        (tmp / "model.bin").write_bytes(b"weights" * 100)
+        (tmp / "tokenizer.json").write_text("{}")
+        write_meta(tmp, {"kind": "export", "backend": "gguf", "quant": "Q8_0", "model_file": "model.bin",
+                         "files": file_inventory(tmp)})
+    return out
+
+
+def test_intact_folder_verifies(artifact):
+    Artifact.open(artifact).verify()
+
+
+def test_same_size_tampering_is_caught_by_checksum_only(artifact):
+    (artifact / "model.bin").write_bytes(b"WEIGHTS" * 100)
+    a = Artifact.open(artifact)
+    a.verify(checksums=False)  # sizes alone cannot see it
+    with pytest.raises(CheckpointError, match="model.bin does not match its recorded sha256"):
+        a.verify()
+
+
+def test_every_problem_is_listed_at_once(artifact):
+    (artifact / "model.bin").write_bytes(b"short")
+    (artifact / "tokenizer.json").unlink()
+    with pytest.raises(CheckpointError) as info:
+        Artifact.open(artifact).verify()
+    assert "model.bin is truncated or altered (5 bytes" in str(info.value)
+    assert "tokenizer.json is missing" in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["../../x.gguf", "/etc/passwd", "sub/../../x"])
+def test_paths_leaving_the_folder_are_refused(artifact, name):
+    meta = json.loads((artifact / "meta.json").read_text())
+    meta["model_file"] = name
+    (artifact / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="outside the folder"):
+        _ = Artifact.open(artifact).model_file
+    with pytest.raises(CheckpointError, match="outside the folder"):
+        verify_files(artifact, {name: {"bytes": 1}})
+    assert member_path(artifact, "model.bin") == artifact / "model.bin"
+
+
+def test_bench_refuses_an_altered_artifact_before_running_it(artifact):
+    (artifact / "model.bin").write_bytes(b"WEIGHTS" * 100)
+    with pytest.raises(CheckpointError, match="sha256"):
+        bench_artifact(artifact, repeats=1, progress=False)
