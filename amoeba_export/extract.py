@@ -231,4 +231,8 @@ def pick_for_params(elastic: ElasticLM, plan, params: int, mode: str = "global",
     from .plan.select import rank_shapes
 
     rows = measurement_rows("calibration", load_tokenizer(plan.model_dir), 256, calibration_tokens).rows
-    return rank_shapes(elastic, plan.shapes_for_params(params, mode), rows)[0][1]
+    # Candidates are ranked with their width compensation (a closed-form solve) but without depth maps: fitting
+    # maps for every candidate depth would cost a calibration pass each; the chosen shape gets its maps when
+    # extracted.
+    with elastic.without_depth_maps():
+        return rank_shapes(elastic, plan.shapes_for_params(params, mode), rows)[0][1]

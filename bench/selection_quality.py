@@ -1,7 +1,10 @@
 """Issue 2: does knowledge-preserving selection beat the baselines? (SmolLM2-135M, no fine-tune)
 
 Depth: 25 % and 50 % of the layers removed, DP vs Block Influence vs drop-last.
-Width: ratios 0.75 / 0.5, global vs uniform, with and without bias compensation.
+Width: ratios 0.75 / 0.5, global vs uniform; no compensation, mean (FLAP) bias compensation, least-squares refit.
+Reconstruction: the DP's (and Block Influence's) depth sets with depth maps fitted (``dp_recon_ppl``); the ≈50 %-params
+shape the demo picks, with the default reconstruction (``demo_50pct_ppl``); seconds of ``extract_subnet`` for it
+and for the 25 %-removed DP shape (``extract_seconds``).
 All shapes are run by the elastic model (identical to the extracted subnet within 1e-4).
 
 Every shape is judged by one function, ``evaluate(forward)``, on three things, quoted as ratios to the full model:
@@ -39,16 +42,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from amoeba_export.artifacts import read_meta
 from amoeba_export.data import MeasurementRows, measurement_rows
 from amoeba_export.demo import ensure_plan
 from amoeba_export.evaluation.perplexity import LogitsFn, perplexity
 from amoeba_export.evaluation.tasks import LogitsRunner, MCTask, evaluate_mc, load_bigbench_tasks
+from amoeba_export.extract import extract_subnet, pick_for_params
 from amoeba_export.modelio import load_tokenizer, resolve_model
 from amoeba_export.paths import cache_subdir
 from amoeba_export.plan import load_elastic
@@ -126,13 +133,17 @@ def main() -> None:
     tok = load_tokenizer(model_dir)
     heldout = measurement_rows("heldout", tok, 512, args.tokens)
     second = measurement_rows(SECOND_TEXT, tok, 512, args.tokens)
-    models: dict[str, Any] = {}
+    models: dict[tuple[str, bool], Any] = {}
 
-    def forward_of(shape, compensate: str = "none") -> LogitsFn:
-        """``shape`` run by the plan's elastic model with width compensation ``compensate``, no depth maps."""
-        if compensate not in models:  # compensation is model state: one elastic model per mode
-            models[compensate] = load_elastic(plan_dir, compensate=compensate, depth_maps=False)[0]
-        model = models[compensate]
+    def model_for(compensate: str = "none", depth_maps: bool = False):
+        """The plan's elastic model with this reconstruction (model state: one elastic model per setting)."""
+        if (compensate, depth_maps) not in models:
+            models[compensate, depth_maps] = load_elastic(plan_dir, compensate=compensate, depth_maps=depth_maps)[0]
+        return models[compensate, depth_maps]
+
+    def forward_of(shape, compensate: str = "none", depth_maps: bool = False) -> LogitsFn:
+        """``shape`` run by the plan's elastic model with width compensation ``compensate`` (and depth maps)."""
+        model = model_for(compensate, depth_maps)
         return lambda ids: model(ids, shape)
 
     full_forward = forward_of(plan.full_shape())
@@ -149,39 +160,60 @@ def main() -> None:
     full = evaluate(full_forward, tasks=False) | {"tasks": {t.name: selection[t.name]["accuracy"] for t in tasks}}
     quality: dict[str, dict[str, Any]] = {"full": full}
 
-    def judge(key: str, shape, compensate: str = "none") -> float:
+    def judge(key: str, shape, compensate: str = "none", depth_maps: bool = False) -> float:
         """Evaluate one shape, record it under ``key``; its held-out perplexity (the selection tables' figure)."""
-        quality[key] = evaluate(forward_of(shape, compensate))
+        quality[key] = evaluate(forward_of(shape, compensate, depth_maps))
         return quality[key]["ppl_heldout"]
 
     n = plan.dims.num_layers
     result: dict[str, Any] = {"full_ppl": full["ppl_heldout"], "tokens": heldout.tokens}
     print(f"\nfull model: {heldout.quote(full['ppl_heldout'])}")
     print(f"full model: {second.quote(full['ppl_second'])}")
-    print(f"\n{'layers removed':<16} {'DP':>9} {'Block Infl.':>12} {'drop-last':>10}   DP gain vs best baseline")
+    print(f"\n{'layers removed':<16} {'DP':>9} {'Block Infl.':>12} {'drop-last':>10} {'DP+maps':>9} {'BI+maps':>9}"
+          f"   DP gain vs best baseline")
     for frac in (0.25, 0.50):
         depth = n - round(n * frac)
         key = f"depth_{int(frac * 100)}"
         row = {f"{m}_ppl": judge(f"{key}/{m}", plan.shape(depth, 1.0, method=method))
                for m, method in (("dp", "dp"), ("bi", "block_influence"), ("drop_last", "drop_last"))}
+        # Depth maps fitted on the plan's calibration rows; Block Influence's set too: does reconstruction change
+        # which layer set is best?
+        row |= {f"{m}_recon_ppl": judge(f"{key}/{m}_recon", plan.shape(depth, 1.0, method=method), "lstsq", True)
+                for m, method in (("dp", "dp"), ("bi", "block_influence"))}
         result[key] = row | {"depth": depth}
         best_base = min(row["bi_ppl"], row["drop_last_ppl"])
         print(f"{n - depth:>2} of {n} ({frac:.0%})  {row['dp_ppl']:>9.2f} {row['bi_ppl']:>12.2f} "
-              f"{row['drop_last_ppl']:>10.2f}   {best_base / row['dp_ppl']:.2f}× lower perplexity")
+              f"{row['drop_last_ppl']:>10.2f} {row['dp_recon_ppl']:>9.2f} {row['bi_recon_ppl']:>9.2f}"
+              f"   {best_base / row['dp_ppl']:.2f}× lower perplexity")
 
-    print(f"\n{'width ratio':<12} {'global':>9} {'uniform':>9} {'global+comp':>12} {'uniform+comp':>13}")
-    width: dict[str, dict[str, float]] = {}
+    print(f"\n{'width ratio':<12} {'mode':<8} {'none':>9} {'mean comp':>10} {'lstsq':>9}")
+    width: dict[str, dict[str, dict[str, float]]] = {}
     for ratio in (0.75, 0.5):
-        cells = {}
-        for comp in (False, True):
-            for mode in ("global", "uniform"):
-                cell = mode + ("_comp" if comp else "")
-                cells[cell] = judge(f"width_{ratio}/{cell}", plan.shape(n, ratio, mode),
-                                    compensate="mean" if comp else "none")
-        width[str(ratio)] = cells
-        print(f"{ratio:<12} {cells['global']:>9.2f} {cells['uniform']:>9.2f} {cells['global_comp']:>12.2f} "
-              f"{cells['uniform_comp']:>13.2f}")
+        width[str(ratio)] = {}
+        for mode in ("global", "uniform"):
+            cells = {cell: judge(f"width_{ratio}/{mode}_{cell}", plan.shape(n, ratio, mode), compensate=comp)
+                     for cell, comp in (("none", "none"), ("mean_comp", "mean"), ("lstsq", "lstsq"))}
+            width[str(ratio)][mode] = cells
+            print(f"{ratio:<12} {mode:<8} {cells['none']:>9.2f} {cells['mean_comp']:>10.2f} {cells['lstsq']:>9.2f}")
     result["width"] = width
+
+    # The shape `amoeba demo` extracts for half the parameters (chosen by calibration loss, then reconstructed),
+    # and what extracting a shape costs end to end (load, width solves, depth-map pass, write).
+    full_params = plan.params_for(plan.full_shape(), compensate="none")
+    demo_shape = pick_for_params(model_for("lstsq", True), plan, int(full_params * 0.5))
+    result["demo_50pct_ppl"] = judge("demo_50pct", demo_shape, "lstsq", True)
+    result["demo_50pct_shape"] = demo_shape.name
+    print(f"\n≈50 % params (demo's pick {demo_shape.name}, {demo_shape.describe()}): "
+          f"held-out perplexity {result['demo_50pct_ppl']:.2f}")
+    result["extract_seconds"] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, shape in (("demo_50pct", demo_shape), ("depth_25", plan.shape(result["depth_25"]["depth"], 1.0))):
+            t0 = time.perf_counter()
+            out = extract_subnet(plan_dir, Path(tmp) / name, depth=shape.depth, width=shape.meta["width"],
+                                 mode=shape.meta["mode"])
+            result["extract_seconds"][name] = {"total": round(time.perf_counter() - t0, 2),
+                                               **read_meta(out)["reconstruction"]}
+            print(f"extract {name}: {result['extract_seconds'][name]}")
 
     names = [t.name for t in tasks]
     print("\nquality as ratios to the full model (perplexity: ×full, > 1 worse; accuracy: ×full, < 1 worse)")

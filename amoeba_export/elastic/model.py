@@ -8,7 +8,8 @@ converts back to transformers' group-major order.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -196,6 +197,15 @@ class ElasticLM(nn.Module):
     def set_depth_reconstruction(self, reconstruction: DepthReconstruction | None) -> None:
         """Fit a linear map per run of removed layers (on these calibration rows) whenever a shape runs."""
         self.depth_reconstruction = reconstruction
+
+    @contextmanager
+    def without_depth_maps(self) -> Iterator[None]:
+        """Run shapes without their depth maps for a while (e.g. to rank many candidates cheaply)."""
+        saved, self.depth_reconstruction = self.depth_reconstruction, None
+        try:
+            yield
+        finally:
+            self.depth_reconstruction = saved
 
     def depth_maps(self, shape: Shape) -> DepthMaps | None:
         """The shape's depth maps (fitted on first use, then cached), or None when reconstruction is off."""
