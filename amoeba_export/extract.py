@@ -163,7 +163,7 @@ def write_subnet(elastic: ElasticLM, shape: Shape, out: str | Path, *, source_di
 
 
 def load_source(source: str | Path, *, compensate: str | bool | None = None, depth_maps: bool | None = None,
-                plan=None):
+                depth_map_tokens: int | None = None, plan=None):
     """``(elastic, plan, meta)`` of a plan folder or a trained elastic checkpoint (``plan``: already loaded).
 
     ``compensate``/``depth_maps``: the reconstruction (None: the plan's, or for a checkpoint what it was trained
@@ -172,12 +172,14 @@ def load_source(source: str | Path, *, compensate: str | bool | None = None, dep
     if meta.get("kind") == "elastic":
         from .finetune import load_trained_elastic
 
-        elastic, plan, _ = load_trained_elastic(source, compensate=compensate, depth_maps=depth_maps)
+        elastic, plan, _ = load_trained_elastic(source, compensate=compensate, depth_maps=depth_maps,
+                                                depth_map_tokens=depth_map_tokens)
         return elastic, plan, meta
     from .plan import load_elastic
 
     read_meta(source, kind="plan")
-    elastic, plan = load_elastic(source, compensate=compensate, plan=plan, depth_maps=depth_maps)
+    elastic, plan = load_elastic(source, compensate=compensate, plan=plan, depth_maps=depth_maps,
+                                 depth_map_tokens=depth_map_tokens)
     return elastic, plan, meta
 
 
@@ -201,8 +203,8 @@ def prepare_shape(elastic: ElasticLM, shape: Shape) -> None:
 
 def extract_subnet(source: str | Path, out: str | Path, *, depth: int | None = None, width: float = 1.0,
                    mode: str = "global", params: int | None = None, compensate: str | bool | None = None,
-                   depth_maps: bool | None = None, round_to: int | None = None, method: str = "dp",
-                   force: bool = False) -> Path:
+                   depth_maps: bool | None = None, depth_map_tokens: int | None = None, round_to: int | None = None,
+                   method: str = "dp", force: bool = False) -> Path:
     """``amoeba extract``: pick a shape by (depth, width) or by parameter budget and write it."""
     start = time.perf_counter()
     if Path(out).exists() and not force:
@@ -212,7 +214,8 @@ def extract_subnet(source: str | Path, out: str | Path, *, depth: int | None = N
         if depth is None:
             raise ShapeError("no shape given", fix="pass --depth and --width, or --params")
         shape = plan.shape(depth, width, mode, method=method, round_to=round_to)
-    elastic, plan, source_meta = load_source(source, compensate=compensate, depth_maps=depth_maps, plan=plan)
+    elastic, plan, source_meta = load_source(source, compensate=compensate, depth_maps=depth_maps,
+                                             depth_map_tokens=depth_map_tokens, plan=plan)
     if params is not None:
         shape = pick_for_params(elastic, plan, params, mode)
     prepare_shape(elastic, shape)

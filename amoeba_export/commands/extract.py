@@ -27,6 +27,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                       help="replace each run of removed layers by a linear map fitted on calibration text and "
                            "merged into the preceding down_proj (default: the plan's, on)")
     maps.add_argument("--no-depth-maps", dest="depth_maps", action="store_false")
+    p.add_argument("--depth-map-tokens", type=int,
+                   help="calibration tokens the depth maps are fitted on (default: the plan's, 8192; up to the "
+                        "plan's 16384 fit better and take proportionally longer)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
 
 
@@ -39,7 +42,8 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     out = extract_subnet(args.source, args.out, depth=args.depth, width=args.width, mode=args.mode,
                          params=int(args.params) if args.params else None, compensate=args.compensate,
-                         depth_maps=args.depth_maps, round_to=args.round_to, force=args.force)
+                         depth_maps=args.depth_maps, depth_map_tokens=args.depth_map_tokens, round_to=args.round_to,
+                         force=args.force)
     meta = read_meta(out)
     kind = "stock" if meta["stock"] else "per-layer (amoeba_llama)"
     rec = meta.get("reconstruction", {})

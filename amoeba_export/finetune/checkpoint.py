@@ -83,7 +83,8 @@ def load_smol_weights(folder: str | Path) -> dict:
 
 
 def load_trained_elastic(ckpt_dir: str | Path, *, compensate: str | bool | None = None,
-                         depth_maps: bool | None = None) -> tuple[ElasticLM, Plan, ShapeGate | None]:
+                         depth_maps: bool | None = None, depth_map_tokens: int | None = None,
+                         ) -> tuple[ElasticLM, Plan, ShapeGate | None]:
     """The plan's elastic model with the trained SMoL adapters attached, its plan and the shared gate
     (None for single-LoRA). Call :func:`merge_for_shape` before reading ``effective_weight()``.
 
@@ -98,7 +99,7 @@ def load_trained_elastic(ckpt_dir: str | Path, *, compensate: str | bool | None 
         raise CheckpointError(f"the plan {plan_dir} that {ckpt_dir} was trained on is missing",
                               fix="restore the plan folder or re-train")
     comp = meta.get("compensate") if compensate is None else compensate
-    elastic, plan = load_elastic(plan_dir, compensate=comp, depth_maps=depth_maps)
+    elastic, plan = load_elastic(plan_dir, compensate=comp, depth_maps=depth_maps, depth_map_tokens=depth_map_tokens)
     wrapper = SMoLModel(elastic, smol_config_of(meta))
     wrapper.load_trainable_state(load_smol_weights(ckpt_dir))
     wrapper.eval()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -292,9 +293,11 @@ class Plan:
 
     # -- elastic model ------------------------------------------------------------------------------
     @torch.no_grad()
-    def apply(self, elastic, *, compensate: str | bool | None = None, depth_maps: bool | None = None) -> None:
+    def apply(self, elastic, *, compensate: str | bool | None = None, depth_maps: bool | None = None,
+              depth_map_tokens: int | None = None) -> None:
         """Permute an ElasticLM (built from this plan's model, not yet permuted) by importance and attach the
-        reconstruction: width compensation per layer and, when ``depth_maps``, depth maps fitted per shape."""
+        reconstruction: width compensation per layer and, when ``depth_maps``, depth maps fitted per shape on
+        ``depth_map_tokens`` calibration tokens (None: the plan's)."""
         if getattr(elastic, "plan_applied", False):
             raise ShapeError("this elastic model already has a plan applied", fix="build a fresh one")
         if ModelDims.from_config(elastic.config) != self.dims:
@@ -305,7 +308,7 @@ class Plan:
         mode = self.compensation_mode(compensate)
         elastic.set_compensation(self.compensators(mode), mode)
         use_maps = self.config.depth_maps if depth_maps is None else depth_maps
-        elastic.set_depth_reconstruction(self.depth_reconstruction() if use_maps else None)
+        elastic.set_depth_reconstruction(self.depth_reconstruction(depth_map_tokens) if use_maps else None)
         elastic.plan_applied = True
 
     def compensators(self, mode: str) -> list[dict[str, Compensator]] | None:
@@ -316,21 +319,26 @@ class Plan:
                     for r in self.rankings]
         if mode == "lstsq":
             ridge = self.config.width_ridge
-            return [{"o_proj": LeastSquaresCompensation(r.attn_mean, c.attn, ridge),
-                     "down_proj": LeastSquaresCompensation(r.mlp_mean, c.mlp, ridge)}
-                    for r, c in zip(self.rankings, self.covariances)]
+
+            def reader(layer: int, kind: str) -> Callable[[], torch.Tensor]:  # gram.safetensors read on first use
+                return lambda: getattr(self.covariances[layer], kind)
+
+            return [{"o_proj": LeastSquaresCompensation(r.attn_mean, reader(i, "attn"), ridge),
+                     "down_proj": LeastSquaresCompensation(r.mlp_mean, reader(i, "mlp"), ridge)}
+                    for i, r in enumerate(self.rankings)]
         return None
 
-    def depth_reconstruction(self) -> DepthReconstruction:
+    def depth_reconstruction(self, tokens: int | None = None) -> DepthReconstruction:
         """Depth maps fitted on the plan's calibration rows (attach with ``elastic.set_depth_reconstruction``)."""
-        return DepthReconstruction(self.depth_map_rows(), ridge=self.config.depth_ridge)
+        return DepthReconstruction(self.depth_map_rows(tokens), ridge=self.config.depth_ridge)
 
-    def depth_map_rows(self) -> torch.Tensor:
-        """``depth_map_tokens`` of the calibration rows, evenly spread over them."""
+    def depth_map_rows(self, tokens: int | None = None) -> torch.Tensor:
+        """``tokens`` (default ``depth_map_tokens``; at most all) of the calibration rows, spread over them."""
         rows = self.calibration_rows
         if rows is None:
             raise CheckpointError("this plan holds no calibration rows for depth maps", fix="re-run amoeba plan")
-        n = max(1, min(rows.shape[0], self.config.depth_map_tokens // rows.shape[1]))
+        tokens = self.config.depth_map_tokens if tokens is None else tokens
+        n = max(1, min(rows.shape[0], tokens // rows.shape[1]))
         return rows[torch.linspace(0, rows.shape[0] - 1, n).round().long()]
 
     @cached_property
@@ -414,7 +422,7 @@ class Plan:
 
 
 def load_elastic(plan_dir: str | Path, *, compensate: str | bool | None = None, plan: Plan | None = None,
-                 depth_maps: bool | None = None):
+                 depth_maps: bool | None = None, depth_map_tokens: int | None = None):
     """The plan's model, made elastic and permuted by the plan: ``(ElasticLM, Plan)``.
 
     ``plan``: the already-loaded plan of ``plan_dir``, to skip reading it again. ``compensate`` and
@@ -425,7 +433,7 @@ def load_elastic(plan_dir: str | Path, *, compensate: str | bool | None = None, 
 
     plan = plan or Plan.load(plan_dir)
     elastic = make_elastic(load_model(plan.model_dir))
-    plan.apply(elastic, compensate=compensate, depth_maps=depth_maps)
+    plan.apply(elastic, compensate=compensate, depth_maps=depth_maps, depth_map_tokens=depth_map_tokens)
     return elastic, plan
 
 

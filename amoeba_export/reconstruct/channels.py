@@ -17,6 +17,7 @@ one and a weight still being trained alike. FLAP's mean compensation is the spec
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -65,17 +66,21 @@ class MeanCompensation:
 
 @dataclass(frozen=True)
 class LeastSquaresCompensation:
-    """Least-squares refit of the kept columns plus bias, from the input's mean and covariance."""
+    """Least-squares refit of the kept columns plus bias, from the input's mean and covariance.
+
+    ``covariance`` is a tensor or a function returning it: a plan passes a reader of gram.safetensors, so a
+    shape that narrows no layer (a pure depth cut) never reads the ≈ 160 MB of covariances."""
 
     mean: torch.Tensor  # [in], importance order
-    covariance: torch.Tensor  # [in, in], importance order
+    covariance: torch.Tensor | Callable[[], torch.Tensor]  # [in, in], importance order
     ridge: float = DEFAULT_RIDGE
     # One solve per kept width (global mode gives every layer its own); the statistics never change.
     _solved: dict[int, ChannelRefit] = field(default_factory=dict, repr=False, compare=False)
 
     def refit(self, kept: int) -> ChannelRefit:
         if kept not in self._solved:
-            self._solved[kept] = solve_refit(self.mean, self.covariance, kept, ridge=self.ridge)
+            cov = self.covariance if isinstance(self.covariance, torch.Tensor) else self.covariance()
+            self._solved[kept] = solve_refit(self.mean, cov, kept, ridge=self.ridge)
         return self._solved[kept]
 
 
@@ -93,7 +98,8 @@ def solve_refit(mean: torch.Tensor, covariance: torch.Tensor, kept: int, *, ridg
     s_s = cov[:kept, :kept]
     lam = ridge * float(s_s.diagonal().mean().clamp_min(1e-12))
     chol = torch.linalg.cholesky(s_s + lam * torch.eye(kept, dtype=cov.dtype))
-    # (Σ_SS + λI) Pᵀ = Σ_{S·}  →  Pᵀ by Cholesky solve; Σ is symmetric so Σ_{S·} = Σ_{·S}ᵀ
+    # (Σ_SS + λI) Pᵀ = Σ_{S·}  →  Pᵀ by one Cholesky solve (Σ is symmetric, so Σ_{S·} = Σ_{·S}ᵀ); measured faster
+    # on CPU than forming the inverse (torch.cholesky_inverse is ≈ 20× slower at 768 × 768)
     p = torch.cholesky_solve(cov[:kept, :], chol).T.contiguous()
     offset = mu - p @ mu[:kept]
     return ChannelRefit(p.float(), offset.float())

@@ -84,19 +84,30 @@ def fit_depth_maps(elastic: ElasticLM, shape: Shape, rows: torch.Tensor, *,
     skipped = tuple(r for r in runs if r[0] == 0)
     if not fitted:
         return DepthMaps({}, skipped)
-    ends = {last for _, last in fitted}
+    run_after = {first - 1: last for first, last in fitted}  # preceding kept layer → last removed layer
     full = elastic.widths(elastic.full_shape())
+    widths = elastic.widths(shape)
+    # The subnet computes exactly what the full model does up to its first narrowed layer or first mapped
+    # layer: its pass starts there, from the full pass's hidden state (saves a third of the work on a 25 %
+    # depth cut).
+    shared = 0
+    while shared < n and shared in widths and widths[shared] == full[shared] and shared not in run_after:
+        shared += 1
+    ends = {last for _, last in fitted}
     targets: dict[int, torch.Tensor] = {}
     h, pos = elastic.embed(rows)
+    entering_shared = h
     for layer in range(max(ends) + 1):
+        if layer == shared:
+            entering_shared = h
         h = elastic.layers[layer](h, pos, full[layer])
         if layer in ends:
             targets[layer] = h
-    run_after = {first - 1: last for first, last in fitted}  # preceding kept layer → last removed layer
-    widths = elastic.widths(shape)
     maps: dict[int, torch.Tensor] = {}
-    h, _ = elastic.embed(rows)
+    h = entering_shared
     for layer in shape.layers:
+        if layer < shared:
+            continue
         if layer > max(run_after):
             break
         residual, mlp_out = elastic.layers[layer].sublayers(h, pos, widths[layer])

@@ -60,3 +60,21 @@ def test_run_from_layer_zero_is_skipped():
     elastic = _elastic()
     maps = fit_depth_maps(elastic, Shape((2, 3, 4), (6,) * 3, (2,) * 3, (128,) * 3), IDS)
     assert maps.maps == {} and maps.skipped == ((0, 1),)
+
+
+@torch.no_grad()
+def test_subnet_pass_from_the_shared_prefix_fits_what_a_pass_from_the_embedding_fits():
+    """The subnet pass starts where it first differs from the full model; a naive pass agrees."""
+    elastic = _elastic()
+    shape = Shape((0, 1, 2, 4), (6,) * 4, (2,) * 4, (128,) * 4)
+    maps = fit_depth_maps(elastic, shape, IDS, ridge=1e-3)
+    full = elastic.widths(elastic.full_shape())
+    h, pos = elastic.embed(IDS)
+    for layer in range(4):
+        h = elastic.layers[layer](h, pos, full[layer])
+    target = h
+    h, _ = elastic.embed(IDS)
+    for layer in (0, 1):
+        h = elastic.layers[layer](h, pos, full[layer])
+    residual, mlp_out = elastic.layers[2].sublayers(h, pos, full[2])
+    torch.testing.assert_close(maps.maps[2], fit_linear_map(mlp_out, target - residual, ridge=1e-3))
