@@ -95,7 +95,12 @@ def compare_builds(ours: dict[str, Artifact], native: Path, threads: int, repeat
     for quant in BUILD_QUANTS:
         med = {b: statistics.median(v) if v else None for b, v in decode[quant].items()}
         ratio = med["portable"] / med["native"] if med["portable"] and med["native"] else None
-        out[quant] = {"decode_tok_s": med, "values": decode[quant], "portable_over_native": ratio,
+        # Best of the repeats too: on a shared machine interference only ever slows a run down, so the fastest
+        # run of each build is the steadier estimate of what the build can do.
+        best = {b: max(v) if v else None for b, v in decode[quant].items()}
+        best_ratio = best["portable"] / best["native"] if best["portable"] and best["native"] else None
+        out[quant] = {"decode_tok_s": med, "best_tok_s": best, "values": decode[quant],
+                      "portable_over_native": ratio, "portable_over_native_best": best_ratio,
                       "errors": errors[quant]}
     return {"native_cmake_args": NATIVE_CMAKE_ARGS, "native_path": str(native), "per_quant": out}
 
@@ -170,6 +175,24 @@ def half_subnet(hf_dir: Path, out: Path, plan: str | None) -> tuple[Path, str]:
     return write_subnet(make_elastic(model), best, out, source_dir=hf_dir, force=True), "uniform slice (no plan)"
 
 
+def print_builds(builds: dict, threads: int) -> None:
+    head = f"llama.cpp build ({threads} threads)"
+    print(f"\n{head:<28}{'portable tok/s':>15}{'native tok/s':>14}{'ratio (median)':>16}{'(best)':>8}")
+    for quant, row in builds["per_quant"].items():
+        speed = row["decode_tok_s"]
+        cells = [f"{speed[b]:.1f}" if speed[b] else "crashed" for b in ("portable", "native")]
+        ratios = [f"{row[k]:.3f}" if row[k] else "—" for k in ("portable_over_native", "portable_over_native_best")]
+        print(f"{quant:<28}{cells[0]:>15}{cells[1]:>14}{ratios[0]:>16}{ratios[1]:>8}")
+        for build, error in row["errors"].items():
+            print(f"  {build}: {error}")
+
+
+def _processor() -> str:
+    from amoeba_export.backends.gguf.selfcheck import _cpu_model
+
+    return _cpu_model()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="default")
@@ -181,6 +204,8 @@ def main() -> int:
     ap.add_argument("--compare-native", action="store_true",
                     help="also build llama.cpp for this CPU (-march=native) and compare its Q8_0/Q4_K_M decode "
                          "speed with the installed portable build, side by side")
+    ap.add_argument("--builds-only", action="store_true",
+                    help="with --compare-native: only the build comparison (no validation, converter or subnet)")
     args = ap.parse_args()
 
     threads = args.threads or default_threads()
@@ -191,6 +216,16 @@ def main() -> int:
     for quant in ("Q4_K_M", *(BUILD_QUANTS if args.compare_native else ())):
         if quant not in quants:
             quants.append(quant)
+
+    if args.builds_only:
+        if not args.compare_native:
+            ap.error("--builds-only needs --compare-native")
+        files = {q: gguf.export(hf_dir, work / f"ours-{q}", q, force=True, progress=False) for q in BUILD_QUANTS}
+        builds = compare_builds(files, native_build(), threads, args.repeats, measure_bandwidth(threads))
+        print_builds(builds, threads)
+        print("RESULT " + json.dumps({"builds": builds, "threads": threads, "repeats": args.repeats,
+                                      "processor": _processor()}))
+        return 0
 
     ours, validation, failed = {}, {}, []
     for quant in quants:
@@ -253,15 +288,7 @@ def main() -> int:
     print(f"ours / llama.cpp converter: {figures['ratio_vs_llamacpp_converter']:.3f}; "
           f"{sub_params:.2f}-param subnet / full: {figures['speedup_50pct']:.2f}×")
     if builds:
-        head = f"llama.cpp build ({threads} threads)"
-        print(f"\n{head:<28}{'portable tok/s':>15}{'native tok/s':>14}{'portable/native':>17}")
-        for quant, row in builds["per_quant"].items():
-            speed = row["decode_tok_s"]
-            cells = [f"{speed[b]:.1f}" if speed[b] else "crashed" for b in ("portable", "native")]
-            ratio = f"{row['portable_over_native']:.3f}" if row["portable_over_native"] else "—"
-            print(f"{quant:<28}{cells[0]:>15}{cells[1]:>14}{ratio:>17}")
-            for build, error in row["errors"].items():
-                print(f"  {build}: {error}")
+        print_builds(builds, threads)
     print("RESULT " + json.dumps(figures))
     return 1 if failed else 0
 
