@@ -21,6 +21,23 @@ def test_help_lists_verbs(capsys):
         assert verb in out
 
 
+@pytest.mark.parametrize("verb", [None, "plan", "extract", "export", "train", "deploy"])
+def test_help_is_quiet_and_imports_no_model_stack(verb):
+    """A fresh `amoeba [VERB] --help` prints no warning and imports neither transformers nor torchao (their
+    import is what printed warnings and took seconds); torch only where a verb's options come from it."""
+    import subprocess
+    import sys
+
+    argv = ["--help"] if verb is None else [verb, "--help"]
+    code = ("import sys, runpy; sys.argv = ['amoeba', *sys.argv[1:]]\n"
+            "try:\n    runpy.run_module('amoeba_export.cli', run_name='__main__')\n"
+            "except SystemExit:\n    pass\n"
+            "print('LOADED', *sorted(m for m in ('transformers', 'torchao') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
+    assert proc.stderr.strip() == "", proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "LOADED", proc.stdout.splitlines()[-1]
+
+
 def test_impossible_depth(capsys, tiny_plan_dir, tmp_path):
     code, err = run(capsys, "extract", str(tiny_plan_dir), "--depth", "2", "--out", str(tmp_path / "x"))
     assert code != 0 and len(err) == 1 and "depth 2 is not in the plan" in err[0]
