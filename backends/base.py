@@ -101,6 +101,11 @@ class Backend(ABC):
                 fix=f"pip install 'amoeba-export[{self.extra}]'",
             )
 
+    def option_problems(self, quant: str, options: dict[str, Any]) -> list[str]:
+        """Every problem of export ``options`` for ``quant``, found without exporting anything — so a target
+        profile's ``[export]`` table fails on load, not after minutes of work. Subclasses list their options."""
+        return [f"unknown {self.name} export option {k!r} (this backend takes none)" for k in sorted(options)]
+
     def check_quant(self, quant: str) -> str:
         canonical = {q.lower(): q for q in self.quant_types}
         if quant.lower() not in canonical:

@@ -7,6 +7,7 @@ user fixes a broken file in one pass. Budgets are optional; a missing budget doe
 from __future__ import annotations
 
 import importlib
+import math
 import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,6 +22,10 @@ SHIPPED_DIR = Path(__file__).parent
 TOP_KEYS = {"version", "name", "description", "device", "backend", "quant", "threads", "context_length",
             "budgets", "export", "search"}
 BUDGET_KEYS = {"max_file_mb", "max_memory_mb", "min_decode_tok_s"}
+# Largest sensible value of each budget and setting: beyond these a number is a typo, not a device.
+BUDGET_CEILINGS = {"max_file_mb": 1e7, "max_memory_mb": 1e7, "min_decode_tok_s": 1e6}
+MAX_THREADS = 1024
+MAX_CONTEXT = 1 << 20
 SEARCH_KEYS = {"width_modes", "max_candidates"}
 WIDTH_MODES = ("global", "uniform")
 
@@ -82,9 +87,11 @@ def _budget_problems(budgets: dict[str, Any]) -> list[str]:
     for key in sorted(set(budgets) - BUDGET_KEYS):
         out.append(f"unknown budget {key!r} (known: {', '.join(sorted(BUDGET_KEYS))})")
     for key in sorted(BUDGET_KEYS & set(budgets)):
-        value = budgets[key]
-        if value is not None and (not _number(value) or value <= 0):
-            out.append(f"budgets.{key} must be a positive number, got {value!r}")
+        value, ceiling = budgets[key], BUDGET_CEILINGS[key]
+        # NaN compares false with everything, so `value <= 0` alone would let it through and silently
+        # remove the limit; inf or 1e308 is no budget either.
+        if value is not None and (not _number(value) or not math.isfinite(value) or not 0 < value <= ceiling):
+            out.append(f"budgets.{key} must be a positive number ≤ {ceiling:g}, got {value!r}")
     return out
 
 
@@ -108,29 +115,39 @@ def profile_problems(data: dict[str, Any]) -> list[str]:
     name = data.get("name")
     if not isinstance(name, str) or not name.strip():
         out.append("name is missing (a non-empty string)")
+    for key in ("name", "description", "device", "backend", "quant"):
+        if key in data and not isinstance(data[key], str):
+            out.append(f"{key} must be a string, got {data[key]!r}")
     backend = data.get("backend")
+    supported = ", ".join(b for b in REGISTRY if b != "pytorch")
     if backend is None:
         out.append("backend is missing")
-    elif backend not in REGISTRY or backend == "pytorch":
-        out.append(f"unknown backend {backend!r} (supported: {', '.join(b for b in REGISTRY if b != 'pytorch')})")
-    else:
+    elif isinstance(backend, str) and (backend not in REGISTRY or backend == "pytorch"):
+        out.append(f"unknown backend {backend!r} (supported are: {supported})")
+    elif isinstance(backend, str):
         quant = data.get("quant")
         cls = _backend_class(backend)
         if quant is None:
             out.append("quant is missing")
-        elif str(quant).lower() not in {q.lower() for q in cls.quant_types}:
-            out.append(f"unknown quant {quant!r} for {backend} (supported: {', '.join(cls.quant_types)})")
-        elif backend == "executorch":
-            from amoeba_export.backends.executorch.recipes import RECIPES
+        elif not isinstance(quant, str):
+            pass  # reported above
+        elif quant.lower() not in {q.lower() for q in cls.quant_types}:
+            out.append(f"unknown quant {quant!r} for {backend} (supported are: {', '.join(cls.quant_types)})")
+        else:
+            if backend == "executorch":
+                from amoeba_export.backends.executorch.recipes import RECIPES
 
-            if RECIPES[str(quant).lower()].broken:
-                out.append(f"executorch recipe {quant!r} is disabled: {RECIPES[str(quant).lower()].broken}")
+                if RECIPES[quant.lower()].broken:
+                    out.append(f"executorch recipe {quant!r} is disabled: {RECIPES[quant.lower()].broken}")
+            if isinstance(data.get("export", {}), dict):
+                quant = {q.lower(): q for q in cls.quant_types}[quant.lower()]
+                out += [f"[export] {p}" for p in cls().option_problems(quant, dict(data.get("export", {})))]
     threads = data.get("threads", 1)
-    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
-        out.append(f"threads must be an integer ≥ 1, got {threads!r}")
+    if not isinstance(threads, int) or isinstance(threads, bool) or not 1 <= threads <= MAX_THREADS:
+        out.append(f"threads must be an integer in 1..{MAX_THREADS}, got {threads!r}")
     ctx = data.get("context_length", 512)
-    if not isinstance(ctx, int) or isinstance(ctx, bool) or ctx < 16:
-        out.append(f"context_length must be an integer ≥ 16, got {ctx!r}")
+    if not isinstance(ctx, int) or isinstance(ctx, bool) or not 16 <= ctx <= MAX_CONTEXT:
+        out.append(f"context_length must be an integer in 16..{MAX_CONTEXT}, got {ctx!r}")
     for table in ("budgets", "export", "search"):
         if table in data and not isinstance(data[table], dict):
             out.append(f"[{table}] must be a table")
@@ -179,7 +196,10 @@ def load_profile(spec: str | Path) -> TargetProfile:
     if not path.is_file():
         raise ConfigError(f"target {spec}", [f"{path} does not exist"], fix="pass the path of a .toml profile")
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"target profile {path}", ["not a text file (not UTF-8)"],
+                          fix="pass a TOML text file such as targets/laptop.toml") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"target profile {path}", [f"not valid TOML: {exc}"], fix="fix the TOML syntax") from exc
     return parse_profile(data, path=str(path))

@@ -28,6 +28,9 @@ from .recipes import RECIPES, apply_recipe, get_recipe
 
 MODEL_FILE = "model.pte"
 DEFAULT_MAX_CONTEXT = 512  # the validator's default row length; the cache costs layers*2*kv*ctx*head_dim floats
+EXPORT_OPTIONS = ("max_context", "group_fallback")
+# The static KV cache is allocated whole: a million positions is already ~GBs for a small model.
+MAX_CONTEXT_LIMIT = 1 << 20
 
 
 def _special_ids(hf_dir: Path, config: Any) -> tuple[int, list[int]]:
@@ -150,12 +153,12 @@ class ExecuTorchBackend(Backend):
     def export(self, hf_dir: Path, out_dir: Path, quant: str = "8da4w-attn", *, force: bool = False,
                max_context: int = DEFAULT_MAX_CONTEXT, group_fallback: bool = True, **options: Any) -> Artifact:
         """Options: ``max_context`` (KV-cache length), ``group_fallback`` (False: an indivisible width is an error)."""
-        if options:
-            raise BackendError(f"unknown ExecuTorch export option(s): {', '.join(options)}",
-                               fix="use max_context or group_fallback")
+        problems = self.option_problems(quant, {"max_context": max_context, "group_fallback": group_fallback,
+                                                **options})
+        if problems:
+            raise BackendError("; ".join(problems), fix="pass e.g. max_context=512; options: "
+                               + ", ".join(EXPORT_OPTIONS))
         recipe = get_recipe(self.check_quant(quant))
-        if not isinstance(max_context, int) or max_context < 2:
-            raise BackendError(f"max_context must be an integer >= 2, got {max_context!r}", fix="pass e.g. 512")
         hf_dir = Path(hf_dir)
         if not (hf_dir / "tokenizer.json").is_file():
             raise CheckpointError(f"{hf_dir} has no tokenizer.json (ExecuTorch's runner reads only that format)",
@@ -183,6 +186,16 @@ class ExecuTorchBackend(Backend):
                 max_context=max_context, program_metadata=metadata, lowering_seconds=round(lower_seconds, 1))
             write_meta(tmp, meta)
         return Artifact.open(out_dir)
+
+    def option_problems(self, quant: str, options: dict[str, Any]) -> list[str]:
+        out = [f"unknown ExecuTorch export option {k!r} (supported are: {', '.join(EXPORT_OPTIONS)})"
+               for k in sorted(set(options) - set(EXPORT_OPTIONS))]
+        ctx = options.get("max_context", DEFAULT_MAX_CONTEXT)
+        if not isinstance(ctx, int) or isinstance(ctx, bool) or not 2 <= ctx <= MAX_CONTEXT_LIMIT:
+            out.append(f"max_context must be an integer in 2..{MAX_CONTEXT_LIMIT}, got {ctx!r}")
+        if not isinstance(options.get("group_fallback", True), bool):
+            out.append(f"group_fallback must be true or false, got {options['group_fallback']!r}")
+        return out
 
     @staticmethod
     def _prepare(hf_dir: Path, recipe, max_context: int, group_fallback: bool, stages):

@@ -17,6 +17,7 @@ from .writer import write_gguf
 
 UNQUANTIZED = ("F32", "F16")
 OPTIONS = ("pre_tokenizer", "threads", "progress")
+MAX_THREADS = 1024
 
 
 class GGUFBackend(Backend):
@@ -34,10 +35,8 @@ class GGUFBackend(Backend):
                **options: Any) -> Artifact:
         """Options: ``pre_tokenizer`` (llama.cpp name, when the tokenizer is not in pretokenizers.json),
         ``threads`` (quantizer threads), ``progress`` (tqdm bars)."""
-        unknown = set(options) - set(OPTIONS)
-        if unknown:
-            raise BackendError(f"unknown gguf export option(s): {', '.join(sorted(unknown))}",
-                               fix=f"use only: {', '.join(OPTIONS)}")
+        if problems := self.option_problems(quant, options):
+            raise BackendError("; ".join(problems), fix=f"use only: {', '.join(OPTIONS)}")
         quant = self.check_quant(quant)
         hf_dir = Path(hf_dir)
         started = time.perf_counter()
@@ -67,6 +66,18 @@ class GGUFBackend(Backend):
             )
             write_meta(tmp, meta)
         return Artifact.open(out_dir)
+
+    def option_problems(self, quant: str, options: dict[str, Any]) -> list[str]:
+        out = [f"unknown gguf export option {k!r} (supported are: {', '.join(OPTIONS)})"
+               for k in sorted(set(options) - set(OPTIONS))]
+        if "pre_tokenizer" in options and not isinstance(options["pre_tokenizer"], str):
+            out.append(f"pre_tokenizer must be a llama.cpp pre-tokenizer name, got {options['pre_tokenizer']!r}")
+        threads = options.get("threads", 1)
+        if not isinstance(threads, int) or isinstance(threads, bool) or not 1 <= threads <= MAX_THREADS:
+            out.append(f"threads must be an integer in 1..{MAX_THREADS}, got {threads!r}")
+        if not isinstance(options.get("progress", True), bool):
+            out.append(f"progress must be true or false, got {options['progress']!r}")
+        return out
 
     def load(self, artifact: Artifact, *, threads: int | None = None, isolated: bool = True,
              checksums: bool = True, selfcheck: bool = True, **options: Any) -> Runner:

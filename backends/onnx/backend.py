@@ -42,6 +42,22 @@ class OnnxBackend(Backend):
     quant_types = tuple(RECIPES)
     default_quant = "int4"
 
+    def option_problems(self, quant: str, options: dict[str, Any]) -> list[str]:
+        from amoeba_export.errors import AmoebaError
+
+        out = []
+        if "external_data" in options and not isinstance(options["external_data"], bool):
+            out.append(f"external_data must be true or false, got {options['external_data']!r}")
+        if "fp32_onnx" in options and not isinstance(options["fp32_onnx"], str):
+            out.append(f"fp32_onnx must be the path of an fp32 ONNX artifact, got {options['fp32_onnx']!r}")
+        try:
+            recipe_for(self.check_quant(quant), {k: v for k, v in options.items() if k not in _EXPORT_OPTIONS})
+        except AmoebaError as exc:
+            out += getattr(exc, "problems", None) or [str(exc)]
+        except (TypeError, ValueError) as exc:  # a recipe field of the wrong type
+            out.append(f"recipe options: {exc}")
+        return out
+
     def export(self, hf_dir: Path, out_dir: Path, quant: str = "int4", *, force: bool = False,
                **options: Any) -> Artifact:
         """Export ``hf_dir``; ``options``: ``external_data`` (force it on/off), ``fp32_onnx`` (an fp32 artifact
