@@ -8,6 +8,7 @@ its ``meta.json`` exists (it is the last file written).
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -17,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import CheckpointError, OutputExistsError
+from .errors import CheckpointError, OutputError, OutputExistsError
 
 META = "meta.json"
 
@@ -29,8 +30,12 @@ def atomic_dir(out: str | os.PathLike, *, force: bool = False) -> Iterator[Path]
     if out.exists():
         if not force:
             raise OutputExistsError(f"output folder {out} already exists", fix="pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as exc:  # a parent that is a file, a read-only or full disk
+        raise OutputError(f"cannot create {out}: {exc.strerror or exc}",
+                          fix="pick an output path under a writable folder") from None
     try:
         yield tmp
         if out.exists():
@@ -40,6 +45,17 @@ def atomic_dir(out: str | os.PathLike, *, force: bool = False) -> Iterator[Path]
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
+    except OSError as exc:
+        written = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file()) if tmp.is_dir() else 0
+        shutil.rmtree(tmp, ignore_errors=True)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            free = shutil.disk_usage(out.parent).free
+            raise OutputError(f"no space left on the device writing {out}: {written:,} bytes were written before it "
+                              f"filled ({free:,} bytes free now); the finished folder needs more than that",
+                              fix="free disk space or write to another disk") from None
+        if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise OutputError(f"cannot write {out}: {exc.strerror}", fix="pick a writable output folder") from None
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -29,7 +29,11 @@ class CheckpointError(AmoebaError):
     """A missing, truncated or corrupt model, plan or training checkpoint."""
 
 
-class OutputExistsError(AmoebaError):
+class OutputError(AmoebaError):
+    """An output folder cannot be written (a parent that is a file, a read-only or full disk)."""
+
+
+class OutputExistsError(OutputError):
     """The output folder exists and --force was not given."""
 
 

@@ -51,7 +51,46 @@ def resolve_model(spec: str | Path | None) -> Path:
         raise CheckpointError(f"model {spec} not found", fix="pass an HF model folder, a .gguf file or 'default'")
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path} has no config.json", fix="pass a folder written by save_pretrained")
+    check_config_file(path)  # before a tokenizer or model loader meets it and blames something else
     return path
+
+
+# Integer fields every Llama-family config.json must hold (positive), checked before transformers reads it:
+# transformers accepts "four" or a list there and fails later with a traceback far from the cause.
+CONFIG_INTS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "vocab_size")
+
+
+def config_problems(cfg: Any) -> list[str]:
+    """Every problem of a parsed config.json that would otherwise surface as a traceback later."""
+    if not isinstance(cfg, dict):
+        return [f"config.json holds a JSON {type(cfg).__name__}, not an object"]
+    out = []
+    for key in (*CONFIG_INTS, "num_key_value_heads", "head_dim"):
+        value = cfg.get(key)
+        if value is None and key not in CONFIG_INTS:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            out.append(f"{key} must be a positive integer, got {value!r}")
+    if out:
+        return out
+    heads, kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+    if heads % kv:
+        out.append(f"num_attention_heads ({heads}) is not a multiple of num_key_value_heads ({kv})")
+    if cfg.get("head_dim") is None and cfg["hidden_size"] % heads:
+        out.append(f"hidden_size ({cfg['hidden_size']}) is not a multiple of num_attention_heads ({heads}) "
+                   "and no head_dim is given")
+    return out
+
+
+def check_config_file(path: str | Path) -> None:
+    """Raise one CheckpointError naming every problem of ``path``/config.json (see :func:`config_problems`)."""
+    try:
+        raw = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read {path}/config.json: {exc}", fix="re-create the checkpoint") from exc
+    if problems := config_problems(raw):
+        raise CheckpointError(f"{path}/config.json: " + "; ".join(problems),
+                              fix="fix config.json or re-save the model with save_pretrained")
 
 
 def load_config(path: str | Path) -> Any:
@@ -59,6 +98,7 @@ def load_config(path: str | Path) -> Any:
 
     from . import hf  # noqa: F401  (registers amoeba_llama with the Auto classes)
 
+    check_config_file(path)
     try:
         return AutoConfig.from_pretrained(str(path))
     except (OSError, ValueError, json.JSONDecodeError) as exc:

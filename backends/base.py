@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from amoeba_export.artifacts import member_path, read_meta, verify_files
-from amoeba_export.errors import BackendError, RuntimeMissingError
+from amoeba_export.errors import BackendError, CheckpointError, RuntimeMissingError
 
 ARTIFACT_KIND = "export"
 
@@ -30,7 +30,14 @@ class Artifact:
 
     @classmethod
     def open(cls, path: str | Path) -> Artifact:
-        return cls(Path(path), read_meta(path, kind=ARTIFACT_KIND))
+        meta = read_meta(path, kind=ARTIFACT_KIND)
+        bad = [key for key in ("backend", "quant", "model_file") if not isinstance(meta.get(key), str)]
+        if not isinstance(meta.get("files", {}), dict):
+            bad.append("files")
+        if bad:
+            raise CheckpointError(f"{path}/meta.json lacks a valid {', '.join(bad)}: not an export artifact",
+                                  fix="re-run amoeba export for this folder")
+        return cls(Path(path), meta)
 
     @property
     def backend(self) -> str:

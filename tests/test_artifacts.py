@@ -60,3 +60,54 @@ def test_bench_refuses_an_altered_artifact_before_running_it(artifact):
     (artifact / "model.bin").write_bytes(b"WEIGHTS" * 100)
     with pytest.raises(CheckpointError, match="sha256"):
         bench_artifact(artifact, repeats=1, progress=False)
+
+
+def test_output_under_a_file_is_one_clear_error(tmp_path):
+    from amoeba_export.errors import OutputError
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputError, match="cannot create .*file/out"):
+        with atomic_dir(tmp_path / "file" / "out"):
+            pass
+
+
+def test_full_disk_names_the_folder_and_leaves_nothing(tmp_path):
+    import errno
+
+    from amoeba_export.errors import OutputError
+
+    with pytest.raises(OutputError, match=r"no space left on the device writing .*out: 5 bytes were written"):
+        with atomic_dir(tmp_path / "out") as tmp:
+            (tmp / "a").write_bytes(b"12345")
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_meta_without_backend_is_not_an_artifact(artifact):
+    meta = json.loads((artifact / "meta.json").read_text())
+    del meta["backend"]
+    (artifact / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="lacks a valid backend"):
+        Artifact.open(artifact)
+
+
+@pytest.mark.parametrize("edit, needle", [
+    ({"num_hidden_layers": "four"}, "num_hidden_layers must be a positive integer, got 'four'"),
+    ({"hidden_size": 100, "num_attention_heads": 3, "num_key_value_heads": 3, "head_dim": None},
+     "hidden_size (100) is not a multiple of num_attention_heads (3)"),
+    ({"num_attention_heads": 6, "num_key_value_heads": 4}, "not a multiple of num_key_value_heads"),
+    (["a", "list"], "holds a JSON list"),
+])
+def test_bad_config_json_is_named_before_transformers_reads_it(tiny_dir, tmp_path, capsys, edit, needle):
+    import shutil
+
+    from amoeba_export.cli import main
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_dir, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg = {**cfg, **edit} if isinstance(edit, dict) else edit
+    (folder / "config.json").write_text(json.dumps(cfg))
+    assert main(["eval", str(folder)]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
