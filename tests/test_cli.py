@@ -77,3 +77,16 @@ def test_unknown_architecture(capsys, tmp_path):
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)).save_pretrained(tmp_path / "gpt2")
     code, err = run(capsys, "plan", "--model", str(tmp_path / "gpt2"), "--out", str(tmp_path / "p"))
     assert code != 0 and "supported are: llama, mistral, qwen2" in err[0]
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--params", "nan"], "--params must be a positive, finite"),
+    (["--params", "inf"], "--params must be a positive, finite"),
+    (["--params", "0"], "--params must be a positive, finite"),
+    (["--params", "1e5", "--depth", "4"], "--depth/--width cannot be given with it"),
+    (["--params", "1e5", "--width", "0.5"], "--depth/--width cannot be given with it"),
+])
+def test_params_contradictions_and_nonsense(capsys, tiny_plan_dir, tmp_path, extra, needle):
+    code, err = run(capsys, "extract", str(tiny_plan_dir), "--out", str(tmp_path / "o"), *extra)
+    assert code == 2 and len(err) == 1 and needle in err[0], err
+    assert not (tmp_path / "o").exists()

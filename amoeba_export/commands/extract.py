@@ -39,9 +39,10 @@ def run(args: argparse.Namespace) -> int:
     from ..artifacts import read_meta
     from ..extract import extract_subnet
 
+    params = _params(args)
     start = time.perf_counter()
     out = extract_subnet(args.source, args.out, depth=args.depth, width=args.width, mode=args.mode,
-                         params=int(args.params) if args.params else None, compensate=args.compensate,
+                         params=params, compensate=args.compensate,
                          depth_maps=args.depth_maps, depth_map_tokens=args.depth_map_tokens, round_to=args.round_to,
                          force=args.force)
     meta = read_meta(out)
@@ -51,3 +52,21 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {out}: {meta['shape']['name']}, {meta['params']:,} parameters, {kind} checkpoint, "
           f"width compensation {rec.get('width', 'none')}{maps}, {time.perf_counter() - start:.2f} s")
     return 0
+
+
+def _params(args: argparse.Namespace) -> int | None:
+    """``--params`` as an integer budget; it picks depth and width, so giving those too is a contradiction."""
+    import math
+
+    from ..errors import ShapeError
+
+    if args.params is None:
+        return None
+    if args.depth is not None or args.width != 1.0:
+        raise ShapeError("--params picks the depth and width itself; --depth/--width cannot be given with it",
+                         fix="pass either --params, or --depth and --width")
+    if not math.isfinite(args.params) or args.params < 1:
+        raise ShapeError(f"--params must be a positive, finite parameter count, got {args.params:g}",
+                         fix="pass e.g. --params 60e6")
+    return int(args.params)
+
