@@ -32,7 +32,10 @@ def atomic_dir(out: str | os.PathLike, *, force: bool = False) -> Iterator[Path]
             raise OutputExistsError(f"output folder {out} already exists", fix="pass --force to replace it")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        _remove_stale_temporaries(out)
+        # The pid in the name lets a later run tell a killed run's leftovers from a live run's work.
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; the finished folder follows the user's umask
     except OSError as exc:  # a parent that is a file, a read-only or full disk
         raise OutputError(f"cannot create {out}: {exc.strerror or exc}",
                           fix="pick an output path under a writable folder") from None
@@ -61,12 +64,46 @@ def atomic_dir(out: str | os.PathLike, *, force: bool = False) -> Iterator[Path]
         raise
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """Delete ``out``'s temporary siblings left by runs that were killed (their process is gone)."""
+    for tmp in out.parent.glob(f".{out.name}.tmp-*"):
+        pid = tmp.name[len(f".{out.name}.tmp-"):].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def write_json(path: str | os.PathLike, data: Any) -> None:
-    """Write JSON atomically (temp file + rename)."""
+    """Write JSON atomically: a unique temporary file (two writers of one cache file never share it), flushed
+    to disk, then renamed over ``path``."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(json.dumps(data, indent=2, sort_keys=False) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def write_meta(folder: str | os.PathLike, meta: dict[str, Any]) -> None:

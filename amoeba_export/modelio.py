@@ -118,7 +118,8 @@ def load_model(path: str | Path, *, dtype: torch.dtype | None = None) -> PreTrai
     if not any(path.glob("*.safetensors")):
         raise CheckpointError(f"{path} holds no .safetensors weights", fix="save the model with safetensors")
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or torch.float32)
+        # use_safetensors: never fall back to a pytorch_model.bin (pickle) beside a stray .safetensors file
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or torch.float32, use_safetensors=True)
     except Exception as exc:  # transformers raises many types for a damaged folder
         raise CheckpointError(f"cannot load the model in {path}: {type(exc).__name__}: {exc}",
                               fix="re-create or re-download the checkpoint") from exc

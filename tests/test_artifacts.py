@@ -111,3 +111,52 @@ def test_bad_config_json_is_named_before_transformers_reads_it(tiny_dir, tmp_pat
     assert main(["eval", str(folder)]) == 2
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
+
+
+def test_killed_runs_leftovers_are_removed_and_live_ones_kept(tmp_path):
+    import os
+    import subprocess
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / f".out.tmp-{dead.pid}-abc"
+    stale.mkdir()
+    (stale / "big").write_bytes(b"x" * 10)
+    live = tmp_path / f".out.tmp-{os.getppid()}-def"  # the test runner's parent: alive
+    live.mkdir()
+    with atomic_dir(tmp_path / "out") as tmp:
+        (tmp / "f").write_text("1")
+    assert not stale.exists() and live.exists()
+    assert (tmp_path / "out" / "f").read_text() == "1"
+
+
+def test_folders_and_json_follow_the_umask(tmp_path):
+    import os
+
+    from amoeba_export.artifacts import write_json
+
+    old = os.umask(0o022)
+    try:
+        with atomic_dir(tmp_path / "out") as tmp:
+            write_json(tmp / "a.json", {"x": 1})
+        assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
+        assert (tmp_path / "out" / "a.json").stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(old)
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["a.json"]  # no temporary file left
+
+
+def test_pickle_weights_are_never_loaded(tiny_dir, tmp_path):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    from amoeba_export.modelio import load_model
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_dir, folder)
+    torch.save(load_file(str(folder / "model.safetensors")), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").rename(folder / "stray.safetensors")
+    with pytest.raises(CheckpointError):
+        load_model(folder)
