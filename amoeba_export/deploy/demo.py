@@ -53,7 +53,8 @@ def _finetune(plan_dir: Path, out: Path, steps: int, log: Callable[[str], None])
             return out
     except CheckpointError:
         pass
-    rc = cli_main(["train", "--plan", str(plan_dir), "--out", str(out), "--steps", str(steps), "--force"])
+    # --resume: a killed `make demo` continues from the run's last checkpoint (or starts over if it had none)
+    rc = cli_main(["train", "--plan", str(plan_dir), "--out", str(out), "--steps", str(steps), "--resume"])
     if rc != 0:
         raise AmoebaError(f"the elastic fine-tune exited with {rc}", fix="run `amoeba train` alone to see why")
     return out

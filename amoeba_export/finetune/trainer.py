@@ -156,9 +156,13 @@ def train(plan_dir: str | Path, config: TrainConfig, out: str | Path, *, resume:
     if ckpt is not None:
         _check_resume(ckpt, config, plan_dir, world)
     elif out.exists() and any(out.iterdir()) and not force:
-        what = "a finished run" if (out / "meta.json").is_file() else "an unfinished run"
-        raise OutputExistsError(f"{out} already holds {what}",
-                                fix="pass --resume to continue it, --force to start over, or another --out")
+        finished = (out / "meta.json").is_file()
+        if not (resume and not finished):  # --resume of a run killed before its first checkpoint starts over
+            what = "a finished run" if finished else "an unfinished run"
+            raise OutputExistsError(f"{out} already holds {what}",
+                                    fix="pass --resume to continue it, --force to start over, or another --out")
+        if progress:
+            print(f"{out} holds no checkpoint yet (the run was stopped before its first): starting over")
     space = ShapeSpace.from_plan(plan, config.width_mode)
 
     # Depth maps are fitted per shape on fixed weights: training (random shapes, moving LoRA) runs without

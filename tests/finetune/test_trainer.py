@@ -129,3 +129,14 @@ def test_bad_data_or_incompatible_checkpoint_never_touch_the_last_checkpoint(tin
     assert main(_cli(tiny_plan, run, text_file, "--steps", "2")) == 2
     assert "--resume" in capsys.readouterr().err
     assert file_inventory(run) == before
+
+
+def test_resume_of_a_run_stopped_before_its_first_checkpoint_starts_over(tiny_plan, text_file, tmp_path,
+                                                                          one_thread):
+    run = tmp_path / "early"
+    run.mkdir()
+    (run / "log.jsonl").write_text('{"step": 1, "loss": 3.')  # what a run killed in its first step leaves
+    assert main(_cli(tiny_plan, run, text_file, "--steps", "2", "--save-every", "1", "--resume")) == 0
+    assert (run / "meta.json").is_file() and latest_checkpoint(run) is not None
+    log = (run / "log.jsonl").read_text()  # the torn line of the stopped run is gone
+    assert [json.loads(line)["step"] for line in log.splitlines()] == [1, 2]
