@@ -63,8 +63,9 @@ def test_run_from_layer_zero_is_skipped():
 
 
 @torch.no_grad()
-def test_subnet_pass_from_the_shared_prefix_fits_what_a_pass_from_the_embedding_fits():
-    """The subnet pass starts where it first differs from the full model; a naive pass agrees."""
+def test_first_map_of_a_depth_cut_is_replaceme():
+    """On a pure depth cut the first map's target is the full model's hidden state after the run minus the
+    preceding layer's residual (ReplaceMe's least-squares construction)."""
     elastic = _elastic()
     shape = Shape((0, 1, 2, 4), (6,) * 4, (2,) * 4, (128,) * 4)
     maps = fit_depth_maps(elastic, shape, IDS, ridge=1e-3)
