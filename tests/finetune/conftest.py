@@ -8,7 +8,7 @@ import pytest
 import torch
 
 
-def make_plan(model_dir: Path, out: Path, seed: int = 0) -> Path:
+def make_plan(model_dir: Path, out: Path, seed: int = 0, compensate: str = "lstsq") -> Path:
     from amoeba_export.elastic import make_elastic
     from amoeba_export.modelio import load_model
     from amoeba_export.plan import Plan, PlanConfig
@@ -42,7 +42,7 @@ def make_plan(model_dir: Path, out: Path, seed: int = 0) -> Path:
     covariances = tuple(LayerCovariance(covariance(dims.num_heads * dims.head_dim),
                                         covariance(dims.intermediate_size)) for _ in range(n))
     rows = torch.randint(0, dims.vocab_size, (4, 32), generator=gen)  # depth-map calibration rows
-    plan = Plan(model_dir=str(model_dir), dims=dims, config=PlanConfig(round_to=8),
+    plan = Plan(model_dir=str(model_dir), dims=dims, config=PlanConfig(round_to=8, compensate=compensate),
                 depth_tables={"dp": table}, rankings=tuple(rankings), calibration_rows=rows,
                 layer_covariances=covariances)
     return plan.save(out)
@@ -55,6 +55,12 @@ def tiny_plan(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("finetune")
     tiny_llama(root / "model", layers=4, hidden=64, heads=4, kv_heads=2, intermediate=128)
     return make_plan(root / "model", root / "plan")
+
+
+@pytest.fixture(scope="session")
+def tiny_plan_mean(tiny_plan) -> Path:
+    """The same model and plan with mean-only compensation."""
+    return make_plan(tiny_plan.parent / "model", tiny_plan.parent / "plan-mean", compensate="mean")
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from amoeba_export.plan import load_elastic
 
 
 def _trained_like(plan_dir, experts=5):
-    elastic, plan = load_elastic(plan_dir)
+    elastic, plan = load_elastic(plan_dir, depth_maps=False)  # as training runs it (amoeba train)
     model = SMoLModel(elastic, SMoLConfig(experts=experts, rank=4))
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
