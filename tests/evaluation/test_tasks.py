@@ -132,5 +132,14 @@ def test_bigbench_cause_and_effect_on_the_default_model():
     # choice, label leakage) lands outside this band.
     assert result["total"] == 51 and result["accuracy"] == pytest.approx(result["correct"] / 51)
     assert 0.3 < result["accuracy"] < 0.8, result
+    # The band alone passes an "always the first choice" scorer. Reversing every example's choices (labels
+    # follow) must leave a real scorer's count unchanged; a position-bound scorer gets 51 − c ≠ c (51 is odd).
+    from dataclasses import replace
+
+    flipped = replace(task, examples=tuple(
+        replace(e, choices=e.choices[::-1], correct=frozenset(len(e.choices) - 1 - i for i in e.correct))
+        for e in task.examples))
+    again = t.evaluate_mc(PyTorchRunner(model), load_tokenizer(model), flipped, progress=False)
+    assert again["correct"] == result["correct"], (again, result)
     with pytest.raises(DataError, match="subtasks: .*cause_and_effect/one_sentence"):
         t.load_bigbench_task("cause_and_effect/nope")
