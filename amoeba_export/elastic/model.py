@@ -18,7 +18,7 @@ from torch import nn
 
 from ..errors import UnsupportedArchitectureError
 from ..modelio import SUPPORTED_ARCHITECTURES
-from ..reconstruct import Compensator, DepthMaps, DepthReconstruction
+from ..reconstruct import ChannelRefit, Compensator, DepthMaps, DepthReconstruction
 from ..shape import ModelDims, Shape
 from .linear import ElasticLinear
 
@@ -63,8 +63,7 @@ class ElasticBlock(nn.Module):
         sliced, LoRA-merged, refit by the compensator, the projection's own bias plus the compensation bias.
         Extraction writes exactly these; the forward computes the same function."""
         lin: ElasticLinear = getattr(self, name)
-        comp = self.compensators.get(name)
-        refit = comp.refit(kept) if comp is not None and kept < lin.in_features else None
+        refit = self._refit(name, kept)
         if refit is None:
             return lin.effective_weight(None, kept), lin.bias
         w_full = lin.effective_weight()
@@ -72,10 +71,14 @@ class ElasticBlock(nn.Module):
         bias = lin.bias if extra is None else (extra if lin.bias is None else lin.bias + extra)
         return weight, bias
 
+    def _refit(self, name: str, kept: int) -> ChannelRefit | None:
+        """The compensator's refit when ``name`` loses input channels (None: nothing to make up for)."""
+        comp = self.compensators.get(name)
+        return comp.refit(kept) if comp is not None and kept < getattr(self, name).in_features else None
+
     def _project(self, name: str, x: torch.Tensor, kept: int) -> torch.Tensor:
         lin: ElasticLinear = getattr(self, name)
-        comp = self.compensators.get(name)
-        refit = comp.refit(kept) if comp is not None and kept < lin.in_features else None
+        refit = self._refit(name, kept)
         if refit is not None and refit.projection is not None:
             weight, bias = self.output_projection(name, kept)
             return F.linear(x, weight, bias)
