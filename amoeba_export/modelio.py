@@ -88,6 +88,10 @@ def check_config_file(path: str | Path) -> None:
         raw = json.loads((Path(path) / "config.json").read_text())
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"cannot read {path}/config.json: {exc}", fix="re-create the checkpoint") from exc
+    if isinstance(raw, dict):  # an architecture we do not slice is that error, not its fields' names
+        from types import SimpleNamespace
+
+        check_architecture(SimpleNamespace(model_type=raw.get("model_type")))
     if problems := config_problems(raw):
         raise CheckpointError(f"{path}/config.json: " + "; ".join(problems),
                               fix="fix config.json or re-save the model with save_pretrained")
