@@ -202,7 +202,7 @@ def prepare_shape(elastic: ElasticLM, shape: Shape) -> None:
 
 
 def extract_subnet(source: str | Path, out: str | Path, *, depth: int | None = None, width: float = 1.0,
-                   mode: str = "global", params: int | None = None, compensate: str | bool | None = None,
+                   mode: str | None = None, params: int | None = None, compensate: str | bool | None = None,
                    depth_maps: bool | None = None, depth_map_tokens: int | None = None, round_to: int | None = None,
                    method: str = "dp", force: bool = False) -> Path:
     """``amoeba extract``: pick a shape by (depth, width) or by parameter budget and write it."""
@@ -213,7 +213,7 @@ def extract_subnet(source: str | Path, out: str | Path, *, depth: int | None = N
     if params is None:
         if depth is None:
             raise ShapeError("no shape given", fix="pass --depth and --width, or --params")
-        shape = plan.shape(depth, width, mode, method=method, round_to=round_to)
+        shape = plan.shape(depth, width, mode or "global", method=method, round_to=round_to)
     elastic, plan, source_meta = load_source(source, compensate=compensate, depth_maps=depth_maps,
                                              depth_map_tokens=depth_map_tokens, plan=plan)
     if params is not None:
@@ -226,16 +226,28 @@ def extract_subnet(source: str | Path, out: str | Path, *, depth: int | None = N
     return path
 
 
-def pick_for_params(elastic: ElasticLM, plan, params: int, mode: str = "global", *,
+def pick_for_params(elastic: ElasticLM, plan, params: int, mode: str | None = None, *,
                     calibration_tokens: int = 512) -> Shape:
-    """Among the widest shape of each depth within ``params``, the one with the best calibration loss."""
+    """Among the widest shape of each depth within ``params`` — in ``mode``, or in every width mode when None —
+    the one with the best calibration loss."""
     from .data import measurement_rows
     from .modelio import load_tokenizer
+    from .plan.plan import WIDTH_MODES
     from .plan.select import rank_shapes
 
+    # Both modes by default: once kept columns are refit, uniform widths often beat the global FLAP allocation
+    # (width 0.5 on SmolLM2-135M: 104.9 vs 205.4), so the budget alone should not fix the mode.
+    candidates, problems = [], []
+    for m in WIDTH_MODES if mode is None else (mode,):
+        try:
+            candidates += plan.shapes_for_params(params, m)
+        except ShapeError as exc:
+            problems.append(exc)
+    if not candidates:
+        raise problems[0]
     rows = measurement_rows("calibration", load_tokenizer(plan.model_dir), 256, calibration_tokens).rows
     # Candidates are ranked with their width compensation (a closed-form solve) but without depth maps: fitting
     # maps for every candidate depth would cost a calibration pass each; the chosen shape gets its maps when
     # extracted.
     with elastic.without_depth_maps():
-        return rank_shapes(elastic, plan.shapes_for_params(params, mode), rows)[0][1]
+        return rank_shapes(elastic, candidates, rows)[0][1]

@@ -12,8 +12,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="subnet folder to write")
     p.add_argument("--depth", type=int, help="number of layers to keep")
     p.add_argument("--width", type=float, default=1.0, help="width ratio in (0, 1]")
-    p.add_argument("--mode", choices=("global", "uniform"), default="global",
-                   help="global: per-layer widths by importance; uniform: the same ratio in every layer")
+    p.add_argument("--mode", choices=("global", "uniform"), default=None,
+                   help="global: per-layer widths by importance; uniform: the same ratio in every layer "
+                        "(default: global with --depth/--width; with --params the better of both)")
     p.add_argument("--params", type=float, help="pick the largest plan shape with at most this many parameters")
     p.add_argument("--round-to", type=int, help="MLP widths are multiples of this (e.g. 256 for GGUF k-quants)")
     comp = p.add_mutually_exclusive_group()
