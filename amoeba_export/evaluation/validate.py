@@ -31,6 +31,10 @@ PROBE_TEXT = ("The committee met on 12 March 2024 to review 3,517 proposals.\n"
               "def area(r):\n    return 3.14159 * r ** 2  # circle\n"
               "Zürich, naïve café — “quoted” text… and 100% done!")
 GENERATE_TOKENS = 24
+# A cached-decode token counts as consistent when its full-sequence logit is within this fraction of the
+# position's logit range of the best: measured ties on a Q4_K_M SmolLM2 subnet were 0.004–0.097 logits on ranges
+# of ≈ 30 (≤ 0.34 %); a broken cache misses by whole logits.
+CACHE_TIE_TOLERANCE = 0.005
 
 
 @dataclass(frozen=True)
@@ -167,11 +171,16 @@ def _probe_metrics(ref_runner, runner, probe: list[int]) -> dict[str, float]:
     ref = ref_runner.logits(probe)
     art = runner.logits(probe)
     out["max_abs_logit_err"] = float(np.abs(ref - art).max())
-    # The cached decode path must pick what the full-sequence path scores highest on its own output.
+    # The cached decode path must pick what the full-sequence path scores highest on its own output — up to a
+    # near-tie: quantized runtimes use other kernels for one token than for a batch (llama.cpp's repacked GEMM vs
+    # GEMV), which flips ties within a few hundredths of a logit, while a broken cache picks tokens whole logits
+    # below the best.
     new = runner.generate(probe, GENERATE_TOKENS)
-    full = runner.logits(probe + new[:-1])
-    expected = full[len(probe) - 1:].argmax(-1)
-    out["cache_consistency"] = float(np.mean(expected == np.asarray(new)))
+    full = runner.logits(probe + new[:-1])[len(probe) - 1:]
+    picked = full[np.arange(len(new)), np.asarray(new)]
+    tol = CACHE_TIE_TOLERANCE * (full.max(-1) - full.min(-1))
+    out["cache_consistency"] = float(np.mean(picked >= full.max(-1) - tol))
+    out["cache_exact_match"] = float(np.mean(full.argmax(-1) == np.asarray(new)))
     ref_new = ref_runner.generate(probe, GENERATE_TOKENS)
     same = next((i for i, (a, b) in enumerate(zip(new, ref_new)) if a != b), len(new))
     out["greedy_prefix_match"] = same / GENERATE_TOKENS

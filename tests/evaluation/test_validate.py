@@ -87,3 +87,33 @@ def test_malformed_gates_file_lists_every_problem(tmp_path):
     bad.write_text(json.dumps({"gates": {"x/F16": {"ppl_ratio": {"below": 1}, "mean_kl": 3}}}))
     with pytest.raises(ConfigError, match="2 problem"):
         v.load_gates(bad)
+
+
+class _ScriptedRunner:
+    """Full-sequence logits with a fixed best token per position; ``generate`` returns a scripted sequence."""
+
+    vocab_size = 10
+
+    def __init__(self, tokens: list[int], gap: float) -> None:
+        self.tokens, self.gap = tokens, gap
+
+    def logits(self, ids):
+        import numpy as np
+
+        out = np.zeros((len(ids), self.vocab_size), dtype=np.float32)
+        out[:, 0] = 30.0  # the full-sequence argmax is token 0 everywhere; the range is 30
+        out[:, 1] = 30.0 - self.gap  # token 1 trails it by `gap`
+        return out
+
+    def generate(self, ids, n, **_):
+        return self.tokens[:n]
+
+
+@pytest.mark.parametrize("gap, expected", [(0.05, 1.0), (3.0, 0.5)])
+def test_cache_consistency_allows_kernel_ties_but_not_a_broken_cache(gap, expected):
+    """Half the cached tokens are token 1: a 0.05-logit near-tie is consistent, a 3-logit miss is not."""
+    tokens = [0, 1] * (v.GENERATE_TOKENS // 2)
+    runner = _ScriptedRunner(tokens, gap)
+    m = v._probe_metrics(runner, runner, [5, 6, 7])
+    assert m["cache_consistency"] == expected
+    assert m["cache_exact_match"] == 0.5
