@@ -49,6 +49,8 @@ def test_plan_and_extraction_on_the_real_model(default_model_dir, model, tmp_pat
     for depth, width, mode in ((27, 0.5, "global"), (28, 0.75, "uniform")):
         shape = plan.shape(depth, width, mode)
         out = extract_subnet(tmp_path / "plan", tmp_path / f"{mode}", depth=depth, width=width, mode=mode)
-        # Real logits reach ~30 and 30 layers of fp32 sums run in another order: 5e-4 is ~1e-5 relative.
+        # Real logits reach ~30 and 30 layers of fp32 sums run in another order, and the extracted folder holds
+        # each depth map merged into down_proj (T·W) where the elastic model applies it to the output (T·(W·x)):
+        # measured 2.9e-3 at most, so 5e-3 (~1.7e-4 relative). A wrong map or slice is off by whole logits.
         with torch.no_grad():
-            torch.testing.assert_close(load_model(out)(ids).logits, elastic(ids, shape), atol=5e-4, rtol=0)
+            torch.testing.assert_close(load_model(out)(ids).logits, elastic(ids, shape), atol=5e-3, rtol=0)
