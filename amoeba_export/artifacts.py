@@ -124,6 +124,9 @@ def read_meta(folder: str | os.PathLike, *, kind: str | None = None) -> dict[str
         meta = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{path} is corrupt ({exc})", fix="re-run the stage that writes it") from exc
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(meta).__name__}, not an artifact record",
+                              fix="re-run the stage that writes it")
     if kind is not None and meta.get("kind") != kind:
         raise CheckpointError(
             f"{folder} holds a {meta.get('kind')!r} artifact, expected {kind!r}",

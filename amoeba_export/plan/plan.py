@@ -10,6 +10,7 @@ only when least-squares compensation is used) and ``meta.json``. Any shape is th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Callable
@@ -76,7 +77,25 @@ class PlanConfig:
     depth_ridge: float = DEFAULT_DEPTH_RIDGE
     version: int = PLAN_VERSION
 
+    def type_problems(self) -> list[str]:
+        """Fields whose value is not of their default's type (a plan.json edited or damaged by hand)."""
+        out = []
+        for f in dataclasses.fields(self):
+            value, want = getattr(self, f.name), type(f.default)
+            if want is float:
+                ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+            elif want is tuple:
+                ok = isinstance(value, tuple) and all(isinstance(x, int | float) and not isinstance(x, bool)
+                                                      for x in value)
+            else:
+                ok = isinstance(value, want) and (want is bool or not isinstance(value, bool))
+            if not ok:
+                out.append(f"{f.name} must be a {want.__name__}, got {value!r}")
+        return out
+
     def problems(self) -> list[str]:
+        if typed := self.type_problems():
+            return typed  # the range checks below assume the types
         out = []
         if self.seq_len < 8:
             out.append("seq_len must be ≥ 8")
@@ -405,8 +424,13 @@ class Plan:
             tensors = load_file(str(path / "width.safetensors"))
         except (OSError, ValueError, SafetensorError) as exc:
             raise CheckpointError(f"plan {path} is corrupt ({exc})", fix="re-run amoeba plan") from exc
-        if body.get("version") != PLAN_VERSION:
-            raise CheckpointError(f"plan version {body.get('version')} is not supported", fix="re-run amoeba plan")
+        if not isinstance(body, dict) or body.get("version") != PLAN_VERSION:
+            version = body.get("version") if isinstance(body, dict) else None
+            raise CheckpointError(f"plan version {version} is not supported", fix="re-run amoeba plan")
+        if problems := plan_problems(body, tensors):
+            raise CheckpointError(f"plan {path} is corrupt: " + "; ".join(problems[:8])
+                                  + (f"; and {len(problems) - 8} more" if len(problems) > 8 else ""),
+                                  fix="re-run amoeba plan")
         try:
             dims = ModelDims(**body["dims"])
             fields = LayerRanking.__dataclass_fields__
@@ -419,6 +443,68 @@ class Plan:
                        calibration_rows=None if rows is None else rows.long())
         except (KeyError, TypeError) as exc:
             raise CheckpointError(f"plan {path} is incomplete (missing {exc})", fix="re-run amoeba plan") from exc
+
+
+# No real model has a dimension beyond this; a larger one in plan.json is damage (and would be allocated).
+MAX_DIM = 1 << 24
+
+
+def _is_permutation(t: torch.Tensor, n: int) -> bool:
+    return t.dim() == 1 and t.numel() == n and not t.is_floating_point() and bool(
+        torch.equal(torch.sort(t.long()).values, torch.arange(n)))
+
+
+def plan_problems(body: dict[str, Any], tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Every inconsistency of a plan read from disk, found before any of it is used: a plan whose permutation was
+    cut short would otherwise extract a subnet whose config and weights disagree (and exit 0)."""
+    out: list[str] = []
+    dims = body.get("dims")
+    fields = [f for f in ModelDims.__dataclass_fields__ if f != "tied_embeddings"]
+    if not isinstance(dims, dict) or any(not isinstance(dims.get(f), int) or isinstance(dims.get(f), bool)
+                                         or not 1 <= dims[f] <= MAX_DIM for f in fields):
+        return [f"dims must hold integers in 1..{MAX_DIM}: {', '.join(fields)}, got {dims!r}"]
+    if dims["num_heads"] % dims["num_kv_heads"]:
+        out.append("dims.num_heads is not a multiple of dims.num_kv_heads")
+    config = body.get("config")
+    if not isinstance(config, dict):
+        out.append("config is not a mapping")
+    else:
+        try:
+            out += [f"config: {p}" for p in PlanConfig.from_dict(config).problems()]
+        except (TypeError, ValueError, CheckpointError) as exc:
+            out.append(f"config: {exc}")
+    n = dims["num_layers"]
+    tables = body.get("depth_tables")
+    if not isinstance(tables, dict) or not tables:
+        out.append("depth_tables is not a non-empty mapping")
+    else:
+        for method, table in tables.items():
+            if not isinstance(table, dict):
+                out.append(f"depth_tables.{method} is not a mapping")
+                continue
+            for depth, layers in table.items():
+                ok = (str(depth).isdigit() and isinstance(layers, list)
+                      and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < n for i in layers)
+                      and len(set(layers)) == len(layers) == int(depth))
+                if not ok:
+                    out.append(f"depth_tables.{method}[{depth!r}] is not {depth} distinct layer indices in 0..{n - 1}")
+    units = dims["num_heads"] // dims["num_kv_heads"]
+    units = units if units > 1 else dims["num_heads"]
+    sizes = {"head_perm": dims["num_heads"], "mlp_perm": dims["intermediate_size"], "attn_scores": units,
+             "mlp_scores": dims["intermediate_size"], "attn_mean": dims["num_heads"] * dims["head_dim"],
+             "mlp_mean": dims["intermediate_size"]}
+    for i in range(n):
+        if len(out) > 20:  # enough to act on; a plan of another model would list every layer
+            break
+        for key, size in sizes.items():
+            t = tensors.get(f"layer.{i}.{key}")
+            if t is None:
+                out.append(f"layer {i} has no {key}")
+            elif key.endswith("_perm") and not _is_permutation(t, size):
+                out.append(f"layer {i}: {key} is not a permutation of {size} entries ({t.numel()} given)")
+            elif t.dim() != 1 or t.numel() != size:
+                out.append(f"layer {i}: {key} has {t.numel()} entries, expected {size}")
+    return out
 
 
 def load_elastic(plan_dir: str | Path, *, compensate: str | bool | None = None, plan: Plan | None = None,
