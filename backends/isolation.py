@@ -77,6 +77,13 @@ def _recv(stream: BinaryIO) -> tuple[dict[str, Any], np.ndarray | None] | None:
     return header, np.frombuffer(raw, dtype=dtype).reshape(spec["shape"])
 
 
+def crash_error(artifact: Artifact, returncode: int, runtime: str, fix: str) -> RuntimeCrashError:
+    """The one-line error for a runtime process that ``artifact`` killed with a signal."""
+    return RuntimeCrashError(f"{runtime} crashed ({signal_name(returncode)}) running {artifact.model_file} "
+                             f"({artifact.backend}/{artifact.quant})",
+                             fix=fix or "report the runtime version and this machine's CPU")
+
+
 def signal_name(returncode: int) -> str:
     try:
         return signal.Signals(-returncode).name
@@ -136,10 +143,9 @@ class IsolatedRunner(Runner):
 
     def _raise_dead(self) -> None:
         code = self._proc.wait()
-        what = f"{self._artifact.model_file} ({self._artifact.backend}/{self._artifact.quant})"
         if code < 0:
-            raise RuntimeCrashError(f"{self._runtime} crashed ({signal_name(code)}) running {what}",
-                                    fix=self._crash_fix or "report the runtime version and this machine's CPU")
+            raise crash_error(self._artifact, code, self._runtime, self._crash_fix)
+        what = f"{self._artifact.model_file} ({self._artifact.backend}/{self._artifact.quant})"
         self._stderr.seek(0)
         tail = (self._stderr.read().decode(errors="replace").strip().splitlines() or ["no output"])[-1]
         raise BackendError(f"{self._runtime} exited with code {code} running {what}: {tail}",
@@ -238,4 +244,4 @@ if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
 
 
-__all__ = ["FAULT_ENV", "IsolatedRunner", "RuntimeCrashError", "signal_name"]
+__all__ = ["FAULT_ENV", "IsolatedRunner", "RuntimeCrashError", "crash_error", "signal_name"]

@@ -35,7 +35,7 @@ from amoeba_export.backends.base import Artifact
 from amoeba_export.backends.gguf.quantize import census, quantize
 from amoeba_export.backends.meta import export_meta, model_summary, tool_versions
 from amoeba_export.benchmark import bench_artifact
-from amoeba_export.benchmark.harness import default_threads, measure_bandwidth
+from amoeba_export.benchmark.harness import cpu_name, default_threads, measure_bandwidth
 from amoeba_export.errors import AmoebaError, ResourceError
 from amoeba_export.evaluation.validate import validate_artifact
 from amoeba_export.modelio import resolve_model
@@ -56,9 +56,7 @@ def native_build() -> Path:
     import os
     import shutil
 
-    from amoeba_export.backends.gguf.selfcheck import _cpu_model
-
-    key = hashlib.sha256(f"{_cpu_model()}|{NATIVE_CMAKE_ARGS}".encode()).hexdigest()[:10]
+    key = hashlib.sha256(f"{cpu_name()}|{NATIVE_CMAKE_ARGS}".encode()).hexdigest()[:10]
     target = cache_subdir("packages") / f"llama-cpp-python-0.3.36-native-{key}"
     if (target / "llama_cpp" / "__init__.py").is_file():
         return target
@@ -187,11 +185,6 @@ def print_builds(builds: dict, threads: int) -> None:
             print(f"  {build}: {error}")
 
 
-def _processor() -> str:
-    from amoeba_export.backends.gguf.selfcheck import _cpu_model
-
-    return _cpu_model()
-
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -224,7 +217,7 @@ def main() -> int:
         builds = compare_builds(files, native_build(), threads, args.repeats, measure_bandwidth(threads))
         print_builds(builds, threads)
         print("RESULT " + json.dumps({"builds": builds, "threads": threads, "repeats": args.repeats,
-                                      "processor": _processor()}))
+                                      "processor": cpu_name()}))
         return 0
 
     ours, validation, failed = {}, {}, []

@@ -55,16 +55,14 @@ def _run_worker(job: dict[str, Any], timeout: float) -> dict[str, Any]:
 
 def _crash(job: dict[str, Any], returncode: int) -> RuntimeCrashError:
     from amoeba_export.backends import get_backend
-    from amoeba_export.backends.isolation import signal_name
+    from amoeba_export.backends.isolation import crash_error, signal_name
 
     if "artifact" not in job:
         return RuntimeCrashError(f"benchmark {job['mode']} run crashed ({signal_name(returncode)})",
                                  fix="report this machine's CPU")
     artifact = Artifact.open(job["artifact"])
     backend = get_backend(artifact.backend)
-    return RuntimeCrashError(f"{backend.runtime or backend.name} crashed ({signal_name(returncode)}) running "
-                             f"{artifact.model_file} ({artifact.backend}/{artifact.quant})",
-                             fix=backend.crash_fix or "report the runtime version and this machine's CPU")
+    return crash_error(artifact, returncode, backend.runtime or backend.name, backend.crash_fix)
 
 
 def summarize(values: list[float]) -> dict[str, Any]:
@@ -118,7 +116,7 @@ def bench_artifact(artifact_dir: str | Path, *, threads: int | None = None, prom
         "new_tokens": new_tokens,
         "repeats": repeats,
         "warmup": warmup,
-        "machine": {"platform": platform.platform(), "processor": _cpu_name(), "cpus": os.cpu_count(),
+        "machine": {"platform": platform.platform(), "processor": cpu_name(), "cpus": os.cpu_count(),
                     **bandwidth},
         "metrics": metrics,
         "pids": [r["pid"] for r in runs],
@@ -127,10 +125,11 @@ def bench_artifact(artifact_dir: str | Path, *, threads: int | None = None, prom
     }
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """This machine's CPU model name (x86 "model name", arm64 "Model")."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith(("model name", "Model")):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass

@@ -92,9 +92,9 @@ def fit_nonnegative(xs: list[float], ys: list[float]) -> tuple[float, float]:
 
 
 def machine_id() -> str:
-    from ..benchmark.harness import _cpu_name
+    from ..benchmark.harness import cpu_name
 
-    return f"{platform.node()}|{_cpu_name()}"
+    return f"{platform.node()}|{cpu_name()}"
 
 
 def calibration_key(source_id: str, backend: str, quant: str, options: dict, threads: int,

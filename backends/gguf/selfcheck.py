@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from amoeba_export.benchmark.harness import cpu_name
 from amoeba_export.errors import AmoebaError, BackendError
 
 CHECK_VERSION = 1
@@ -38,24 +39,12 @@ def library_fingerprint() -> str:
 
     spec = importlib.util.find_spec("llama_cpp")
     root = Path(spec.origin).parent if spec and spec.origin else None
-    parts = [platform.machine(), _cpu_model()]
+    parts = [platform.machine(), cpu_name()]
     if root is not None:
         for lib in sorted(root.rglob("*.so*")) + sorted(root.rglob("*.dylib")):
             st = lib.stat()
             parts.append(f"{lib.relative_to(root)}:{st.st_size}:{int(st.st_mtime)}")
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("model name", "Model")):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor()
 
 
 def _cache_file() -> Path:
@@ -105,7 +94,7 @@ def run_check() -> dict:
                 raise BackendError(f"llama.cpp decodes {quant} wrongly on this machine: {'; '.join(problems)}",
                                    fix=gguf.crash_fix)
             results[quant] = {"types": artifact.meta["gguf"]["tensor_types"], "tokens": new}
-    return {"version": CHECK_VERSION, "fingerprint": library_fingerprint(), "cpu": _cpu_model(),
+    return {"version": CHECK_VERSION, "fingerprint": library_fingerprint(), "cpu": cpu_name(),
             "quants": results, "seconds": round(time.perf_counter() - started, 2)}
 
 
