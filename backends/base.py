@@ -66,6 +66,11 @@ class Runner(ABC):
     threads: int | None = None
 
     @property
+    def can_tokenize(self) -> bool:
+        """Whether the runtime carries its own tokenizer (``tokenize(text) -> ids``), e.g. GGUF's embedded one."""
+        return callable(getattr(self, "tokenize", None))
+
+    @property
     @abstractmethod
     def vocab_size(self) -> int: ...
 

@@ -112,7 +112,7 @@ class IsolatedRunner(Runner):
         info, _ = self._call("open", backend=backend, artifact=str(artifact.path), threads=threads, options=options)
         self._vocab_size = int(info["vocab_size"])
         self.threads = info.get("threads")
-        self.can_tokenize = bool(info.get("can_tokenize"))
+        self._can_tokenize = bool(info.get("can_tokenize"))
 
     @property
     def pid(self) -> int:
@@ -121,6 +121,10 @@ class IsolatedRunner(Runner):
     @property
     def vocab_size(self) -> int:
         return self._vocab_size
+
+    @property
+    def can_tokenize(self) -> bool:  # the child's runner decides, not this proxy's method list
+        return self._can_tokenize
 
     def _call(self, op: str, **args: Any) -> tuple[dict[str, Any], np.ndarray | None]:
         if self._proc.poll() is not None and self._proc.returncode != 0:
@@ -214,7 +218,7 @@ def _serve(requests: BinaryIO, replies: BinaryIO) -> int:
                 if fault := os.environ.get(FAULT_ENV):
                     os.kill(os.getpid(), signal.Signals[fault])
                 _send(replies, {"ok": True, "vocab_size": runner.vocab_size, "threads": runner.threads,
-                                "can_tokenize": hasattr(runner, "tokenize")})
+                                "can_tokenize": runner.can_tokenize})
             elif op == "logits":
                 _send(replies, {"ok": True}, np.asarray(runner.logits(req["ids"]), dtype=np.float32))
             elif op == "generate":

@@ -200,7 +200,7 @@ def validate_runners(ref_runner, runner, tokenizer, token_rows: np.ndarray, *, p
     metrics = acc.metrics()
     probe = tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]
     metrics.update(_probe_metrics(ref_runner, runner, probe))
-    if getattr(runner, "can_tokenize", hasattr(runner, "tokenize")):  # an isolated runner says so
+    if runner.can_tokenize:
         texts = [PROBE_TEXT, PROBE_TEXT.upper(), "  leading spaces\n\n\ttabs 0123456789 " + PROBE_TEXT[::-1]]
         same = [list(runner.tokenize(t)) == tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
         metrics["tokenizer_match"] = float(np.mean(same))
