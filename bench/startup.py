@@ -36,8 +36,10 @@ def main() -> None:
         print(f"amoeba {name:<20} {result[name]['median_s']:.3f} s  {len(warnings)} stderr line(s)", flush=True)
     slowest = max(result, key=lambda k: result[k]["median_s"])
     print("RESULT " + json.dumps({"help_seconds": result["--help"]["median_s"],
+                                  "verb_help_seconds": {v: result[f"{v} --help"]["median_s"] for v in VERBS},
                                   "slowest_verb_help": slowest,
                                   "slowest_verb_help_seconds": result[slowest]["median_s"],
+                                  "stderr_lines": sum(len(r["stderr_lines"]) for r in result.values()),
                                   "runs": args.runs, "per_command": result}))
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..reconstruct.channels import COMPENSATE_MODES
+from ..reconstruct.modes import COMPENSATE_MODES
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

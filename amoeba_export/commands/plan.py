@@ -7,7 +7,7 @@ import argparse
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..plan import PlanConfig
-    from ..reconstruct.channels import COMPENSATE_MODES
+    from ..reconstruct.modes import COMPENSATE_MODES
 
     d = PlanConfig()
     p.add_argument("--model", default="default", help="HF folder, .gguf file, or 'default'")

@@ -1,6 +1,10 @@
-"""Knowledge-preserving subnet selection: depth by DP, width by importance, as one plan."""
+"""Knowledge-preserving subnet selection: depth by DP, width by importance, as one plan.
 
-from .build import build_plan
-from .plan import DEPTH_METHODS, WIDTH_MODES, Plan, PlanConfig, load_elastic
+Exports load lazily (see ``amoeba_export.lazy``): ``plan.config`` is torch-free, for the CLI's ``--help``."""
 
-__all__ = ["DEPTH_METHODS", "WIDTH_MODES", "Plan", "PlanConfig", "build_plan", "load_elastic"]
+from ..lazy import lazy_exports
+
+__all__ = ["DEPTH_METHODS", "PLAN_VERSION", "WIDTH_MODES", "Plan", "PlanConfig", "build_plan", "load_elastic"]
+__getattr__, __dir__ = lazy_exports(__name__, {
+    "DEPTH_METHODS": "config", "PLAN_VERSION": "config", "WIDTH_MODES": "config", "PlanConfig": "config",
+    "Plan": "plan", "load_elastic": "plan", "build_plan": "build"})

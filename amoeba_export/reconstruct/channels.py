@@ -23,11 +23,7 @@ from typing import Protocol
 
 import torch
 
-COMPENSATE_MODES = ("lstsq", "mean", "none")
-# Ridge, relative to the mean variance of the kept channels: Σ_SS of up to 1,536 channels estimated from a few
-# thousand tokens has small, noisy eigenvalues. On SmolLM2-135M (width 0.5 uniform, 4,096-token covariances)
-# held-out perplexity is flat from 1e-4 to 1e-2 (189.2 / 189.5 / 189.6) and rises at 1e-1 (277.9).
-DEFAULT_RIDGE = 1e-3
+from .modes import COMPENSATE_MODES, DEFAULT_RIDGE  # noqa: F401  (torch-free home, so the CLI's --help reads it)
 
 
 @dataclass(frozen=True)

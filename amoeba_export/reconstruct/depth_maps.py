@@ -28,13 +28,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .modes import DEFAULT_DEPTH_RIDGE  # torch-free home, so the CLI's --help reads it
+
 if TYPE_CHECKING:
     from ..elastic import ElasticLM
     from ..shape import Shape
-
-# Relative to the mean of diag(MᵀM); MLP outputs of a 576-wide model over a few thousand tokens are well
-# conditioned, so this only guards against a degenerate (e.g. all-zero) direction.
-DEFAULT_DEPTH_RIDGE = 1e-4
 
 
 @dataclass(frozen=True)
