@@ -165,13 +165,25 @@ def member_path(folder: str | os.PathLike, name: str) -> Path:
     return path
 
 
-def verify_files(folder: str | os.PathLike, files: dict[str, dict[str, Any]], *, checksums: bool = True) -> None:
-    """Check the files a meta.json records: inside the folder, present, of the recorded size and — with
-    ``checksums`` — the recorded sha256. Every problem is listed in one CheckpointError."""
+def file_problems(folder: str | os.PathLike, files: Any, *, checksums: bool = True) -> list[str]:
+    """Every way the files a meta.json records differ from the folder: a record that is not
+    ``{"bytes": int, "sha256": str}``, a name that leaves the folder, a missing file, another size and — with
+    ``checksums`` — another sha256. Sizes are cheap and always checked; hashing reads every byte."""
     folder = Path(folder)
+    if not isinstance(files, dict):
+        return [f"'files' is a {type(files).__name__}, not a mapping of file records"]
     problems = []
-    for name, record in sorted(files.items()):
-        path = member_path(folder, name)
+    for name, record in sorted(files.items(), key=lambda kv: str(kv[0])):
+        size_ok = isinstance(record, dict) and (record.get("bytes") is None or (
+            isinstance(record["bytes"], int) and not isinstance(record["bytes"], bool) and record["bytes"] >= 0))
+        if not (size_ok and isinstance(record.get("sha256"), str | None)):
+            problems.append(f"the record of {name!r} is not {{bytes: int, sha256: str}}: {record!r:.60}")
+            continue
+        try:
+            path = member_path(folder, name)
+        except CheckpointError:
+            problems.append(f"{name!r} is outside the folder")
+            continue
         if not path.is_file():
             problems.append(f"{name} is missing")
             continue
@@ -180,7 +192,12 @@ def verify_files(folder: str | os.PathLike, files: dict[str, dict[str, Any]], *,
             problems.append(f"{name} is truncated or altered ({size} bytes, {META} says {record['bytes']})")
         elif checksums and record.get("sha256") and sha256_file(path) != record["sha256"]:
             problems.append(f"{name} does not match its recorded sha256 (altered or corrupt)")
-    if problems:
+    return problems
+
+
+def verify_files(folder: str | os.PathLike, files: Any, *, checksums: bool = True) -> None:
+    """Check the files a meta.json records (see :func:`file_problems`); every problem is listed in one
+    CheckpointError."""
+    if problems := file_problems(folder, files, checksums=checksums):
         raise CheckpointError(f"{folder} is not the artifact its {META} records: " + "; ".join(problems),
                               fix="re-run the stage that wrote it with --force")
-

@@ -11,11 +11,12 @@ one ``rng-rank{r}.pt`` per process.
 from __future__ import annotations
 
 import functools
+import json
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..artifacts import read_meta
+from ..artifacts import META, file_problems, read_meta
 from ..errors import CheckpointError
 from .config import CONFIG_VERSION, SMoLConfig, TrainConfig
 
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
 ELASTIC_KIND = "elastic"
 ELASTIC_VERSION = 1
 WEIGHTS = "smol.safetensors"
+RESUME_FILES = (WEIGHTS, "optimizer.pt", "scheduler.json", "state.json")
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 
 
@@ -54,6 +56,52 @@ def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     found = list_checkpoints(run_dir)
     return found[-1][1] if found else None
+
+
+def checkpoint_problems(ckpt: Path) -> list[str]:
+    """What is damaged in a training checkpoint, found before any of it is loaded: files that differ from the
+    sizes and sha256 its meta.json records (a truncated ``optimizer.pt``, a garbled ``state.json``), or a
+    ``state.json`` that does not hold the checkpoint's step. Empty when it can be resumed from."""
+    try:
+        meta = read_elastic_meta(ckpt)
+    except CheckpointError as exc:
+        return [str(exc)]
+    if not meta.get("files"):
+        return [f"{META} records no file sizes and checksums"]
+    if problems := file_problems(ckpt, meta["files"]):
+        return problems
+    # Resuming loads these; one that is present but unrecorded could not have been checked.
+    if unrecorded := [n for n in RESUME_FILES if n not in meta["files"] and (ckpt / n).exists()]:
+        return [f"{', '.join(unrecorded)} not recorded in {META}"]
+    try:
+        state = json.loads((ckpt / "state.json").read_text())
+    except FileNotFoundError:
+        return []  # a missing file is an incompatibility (another process count), reported by the trainer
+    except (OSError, ValueError) as exc:
+        return [f"state.json does not parse ({exc})"]
+    if not isinstance(state, dict) or state.get("step") != meta.get("step"):
+        return [f"state.json does not hold the checkpoint's step {meta.get('step')}"]
+    return []
+
+
+def resumable_checkpoint(run_dir: str | Path) -> tuple[Path | None, list[tuple[Path, list[str]]]]:
+    """The newest intact checkpoint of a run (None when it has none) and the damaged newer ones passed over.
+
+    A run killed while its disk filled, or a file altered later, leaves a checkpoint that looks complete; the
+    previous one is still good, so resuming falls back to it. When every checkpoint is damaged, one
+    CheckpointError names the newest one's bad files."""
+    damaged = []
+    for _, ckpt in reversed(list_checkpoints(run_dir)):
+        if not (problems := checkpoint_problems(ckpt)):
+            return ckpt, damaged
+        damaged.append((ckpt, problems))
+    if not damaged:
+        return None, []
+    ckpt, problems = damaged[0]
+    others = f" (and {len(damaged) - 1} older one(s) are damaged too)" if len(damaged) > 1 else ""
+    raise CheckpointError(f"cannot resume {run_dir}: checkpoint {ckpt} is damaged: {'; '.join(problems)}; "
+                          f"no earlier complete checkpoint exists{others}",
+                          fix="restore the named file, or start over with --force")
 
 
 def read_elastic_meta(folder: str | Path) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,10 +30,10 @@ from .checkpoint import (
     WEIGHTS,
     checkpoint_name,
     checkpoints_dir,
-    latest_checkpoint,
     list_checkpoints,
     load_smol_weights,
     read_elastic_meta,
+    resumable_checkpoint,
 )
 from .config import TrainConfig, resume_problems
 from .data import TrainRows, load_train_rows
@@ -152,9 +153,12 @@ def train(plan_dir: str | Path, config: TrainConfig, out: str | Path, *, resume:
     if len(rows) < config.batch_size * world:
         raise DataError(f"{rows.source} gives {len(rows)} rows of {config.seq_len} tokens, fewer than one global "
                         f"batch ({config.batch_size * world})", fix="add data or lower --seq-len/--batch-size")
-    ckpt = latest_checkpoint(out) if resume else None
+    ckpt, damaged = resumable_checkpoint(out) if resume else (None, [])
     if ckpt is not None:
         _check_resume(ckpt, config, plan_dir, world)
+        for bad, problems in damaged if main else ():
+            print(f"checkpoint {bad.name} is damaged ({'; '.join(problems)}): resuming from {ckpt.name}",
+                  file=sys.stderr)
     elif out.exists() and any(out.iterdir()) and not force:
         finished = (out / "meta.json").is_file()
         if not (resume and not finished):  # --resume of a run killed before its first checkpoint starts over
@@ -196,6 +200,8 @@ def train(plan_dir: str | Path, config: TrainConfig, out: str | Path, *, resume:
         if ckpt is None and out.exists():
             shutil.rmtree(out)  # --force: only now that model, data and config are known good
         out.mkdir(parents=True, exist_ok=True)
+        for bad, _ in damaged:  # out of the checkpoint list: pruning must not keep it over the good ones
+            os.replace(bad, bad.with_name(f".{bad.name}.damaged-{int(time.time())}"))
         if start_step < config.steps:
             (out / "meta.json").unlink(missing_ok=True)  # a continued run is unfinished until it ends
         _trim_log(out / LOG, start_step)
@@ -283,10 +289,18 @@ def train(plan_dir: str | Path, config: TrainConfig, out: str | Path, *, resume:
 
 
 def _trim_log(path: Path, step: int) -> None:
-    """Drop log lines past the step being resumed from (a killed run may have logged beyond it)."""
+    """Drop log lines past the step being resumed from (a killed run may have logged beyond it), and lines that
+    do not parse: a run killed mid-write leaves a torn last line. The checkpoint, not the log, is the record."""
     if not path.is_file():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    keep = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict) and isinstance(entry.get("step"), int) and entry["step"] <= step:
+            keep.append(line)
     path.write_text("".join(line + "\n" for line in keep))
 
 
