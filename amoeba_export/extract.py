@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from .architectures import supported
 from .artifacts import atomic_dir, read_meta, write_json, write_meta
 from .elastic import ElasticLM
 from .errors import OutputExistsError, ShapeError
@@ -23,7 +24,7 @@ from .shape import Shape
 # Files of the source folder that are the model itself (everything else — tokenizer, chat template,
 # generation config — is copied along).
 MODEL_FILES = {"config.json", "meta.json", "model.safetensors.index.json"}
-STOCK_TYPES = {"llama", "mistral", "qwen2"}
+STOCK_TYPES = set(supported("extract"))  # the stock classes the elastic core takes (architectures.py)
 
 
 @torch.no_grad()
@@ -39,7 +40,7 @@ def subnet_state_dict(elastic: ElasticLM, shape: Shape, maps: DepthMaps | None =
                                    "model.norm.weight": elastic.norm.weight}
     if not dims.tied_embeddings:
         sd["lm_head.weight"] = elastic.lm_head.weight
-    flags = {"qkv_bias": False, "o_proj_bias": False, "down_proj_bias": False}
+    flags = {"qkv_bias": False, "o_proj_bias": False, "down_proj_bias": False, "qk_norm": False}
     mlp_maps = {} if maps is None else maps.maps
     for new, (layer, q, kv, m) in enumerate(zip(shape.layers, shape.q_heads, shape.kv_heads, shape.mlp)):
         block = elastic.layers[layer]
@@ -50,6 +51,10 @@ def subnet_state_dict(elastic: ElasticLM, shape: Shape, maps: DepthMaps | None =
         sd[p + "self_attn.q_proj.weight"] = block.q_proj.effective_weight(q * hd)[heads]
         sd[p + "self_attn.k_proj.weight"] = block.k_proj.effective_weight(kv * hd)
         sd[p + "self_attn.v_proj.weight"] = block.v_proj.effective_weight(kv * hd)
+        if block.q_norm is not None:  # Qwen3: one per-head norm shared by all heads, kept whole
+            flags["qk_norm"] = True
+            sd[p + "self_attn.q_norm.weight"] = block.q_norm.weight
+            sd[p + "self_attn.k_norm.weight"] = block.k_norm.weight
         sd[p + "mlp.gate_proj.weight"] = block.gate_proj.effective_weight(m)
         sd[p + "mlp.up_proj.weight"] = block.up_proj.effective_weight(m)
         if block.q_proj.bias is not None:
@@ -84,7 +89,7 @@ def subnet_config(source_config: Any, shape: Shape, flags: dict[str, bool]) -> d
     cfg = source_config.to_dict()
     for key in ("auto_map", "_name_or_path", "_model_name_or_path", "architectures", "transformers_version",
                 "quantization_config", "layer_num_attention_heads", "layer_num_key_value_heads",
-                "layer_intermediate_sizes", "qkv_bias", "o_proj_bias", "down_proj_bias"):
+                "layer_intermediate_sizes", "qkv_bias", "o_proj_bias", "down_proj_bias", "qk_norm"):
         cfg.pop(key, None)
     q, kv, m = max(shape.q_heads), max(shape.kv_heads), max(shape.mlp)
     cfg.update(num_hidden_layers=shape.depth, num_attention_heads=q, num_key_value_heads=kv,

@@ -7,30 +7,21 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .architectures import ARCHITECTURES, architecture
 from .artifacts import atomic_dir, read_meta, sha256_file, write_meta
-from .errors import CheckpointError, UnsupportedArchitectureError
+from .errors import CheckpointError
 
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-# model_type -> the causal-LM class name the elastic core knows how to slice.
-SUPPORTED_ARCHITECTURES: dict[str, str] = {
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "amoeba_llama": "AmoebaLlamaForCausalLM",
-}
+# model_type -> causal-LM class name, from the one table of what each stage supports (amoeba_export.architectures).
+SUPPORTED_ARCHITECTURES: dict[str, str] = {t: a.hf_class for t, a in ARCHITECTURES.items()}
 
 
-def check_architecture(config: Any) -> None:
-    model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_ARCHITECTURES:
-        supported = ", ".join(sorted(set(SUPPORTED_ARCHITECTURES) - {"amoeba_llama"}))
-        raise UnsupportedArchitectureError(
-            f"architecture {model_type!r} is not supported; supported are: {supported}",
-            fix="pass a Llama-family checkpoint",
-        )
+def check_architecture(config: Any, stage: str | None = None) -> None:
+    """Raise UnsupportedArchitectureError (quoting the table) unless ``stage`` (None: some stage) takes it."""
+    architecture(getattr(config, "model_type", None), stage)
 
 
 def resolve_model(spec: str | Path | None) -> Path:

@@ -10,13 +10,30 @@ TEXT = (
 ) * 40
 
 
-def tiny_tokenizer(vocab_size: int = 320):
-    """A byte-level BPE tokenizer (fast, GPT-2 style) trained on a fixed text."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+# The split regexes of real tokenizers (their tokenizer.json), so tiny tokenizers pre-tokenize as they do.
+SPLIT_REGEX = {
+    "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+             r"\s*[\r\n]+|\s+(?!\S)|\s+",
+    "llama3": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+              r"\s*[\r\n]+|\s+(?!\S)|\s+",
+}
+
+
+def tiny_tokenizer(vocab_size: int = 320, style: str = "gpt2"):
+    """A byte-level BPE tokenizer (fast) trained on a fixed text. ``style``: ``gpt2`` (plain byte-level),
+    ``qwen2`` (Qwen2/Qwen3's split regex and NFC) or ``llama3`` (Llama 3's split regex)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if style == "gpt2":
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(SPLIT_REGEX[style]), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=style == "llama3", use_regex=False)])
+        if style == "qwen2":
+            tok.normalizer = normalizers.NFC()
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
@@ -25,32 +42,56 @@ def tiny_tokenizer(vocab_size: int = 320):
                                    unk_token=None)
 
 
+# Llama 3.x RoPE scaling at tiny size: original context 64 of 512, so the scaled (low) frequencies are used.
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+
+# One tiny stock model per family the pipeline supports (architectures.py), tied and untied embeddings both
+# covered; tests and bench/any_model.py iterate over this table.
+FAMILIES: dict[str, dict] = {
+    "llama3": dict(arch="llama", rope=LLAMA3_ROPE, tie=False, tokenizer="llama3"),
+    "llama-tied": dict(arch="llama", tie=True),
+    "mistral": dict(arch="mistral", tie=False),
+    "qwen2": dict(arch="qwen2", tie=False, tokenizer="qwen2"),
+    "qwen3": dict(arch="qwen3", tie=True, tokenizer="qwen2"),
+}
+
+
 def tiny_llama_config(*, layers: int = 4, hidden: int = 64, heads: int = 4, kv_heads: int = 2,
                       intermediate: int = 128, vocab: int = 320, tie: bool = False, arch: str = "llama",
-                      head_dim: int | None = None):
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+                      head_dim: int | None = None, rope: dict | None = None):
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
-    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[arch]
+    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[arch]
     kwargs = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
                   num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=512,
                   rms_norm_eps=1e-5, tie_word_embeddings=tie, initializer_range=0.15, bos_token_id=0,
                   eos_token_id=0)
     if head_dim is not None:
         kwargs["head_dim"] = head_dim
-    if arch == "llama":
+    if arch == "qwen3" and head_dim is None:
+        kwargs["head_dim"] = hidden // heads  # Qwen3Config's default is 128
+    if rope is not None:
+        kwargs["rope_parameters"] = dict(rope)
+    elif arch == "llama":
         kwargs["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0}
     return cls(**kwargs)
 
 
-def tiny_llama(out: str | Path | None = None, *, seed: int = 0, **config_kwargs):
-    """A random causal LM (fp32, eval); saved with a tokenizer to ``out`` when given."""
+def tiny_family(family: str, out: str | Path | None = None, *, seed: int = 0, **overrides):
+    """A tiny random stock model of ``family`` (a key of :data:`FAMILIES`), saved to ``out`` when given."""
+    return tiny_llama(out, seed=seed, **{**FAMILIES[family], **overrides})
+
+
+def tiny_llama(out: str | Path | None = None, *, seed: int = 0, tokenizer: str = "gpt2", **config_kwargs):
+    """A random causal LM (fp32, eval); saved with a ``tokenizer``-style tokenizer to ``out`` when given."""
     import torch
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     config = tiny_llama_config(**config_kwargs)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    return _finish(model, out)
+    return _finish(model, out, tokenizer)
 
 
 def tiny_amoeba_llama(out: str | Path | None = None, *, q_heads=(2, 4, 4), kv_heads=(2, 2, 1), mlp=(128, 32, 96),
@@ -74,7 +115,7 @@ def tiny_amoeba_llama(out: str | Path | None = None, *, q_heads=(2, 4, 4), kv_he
     return _finish(AmoebaLlamaForCausalLM(config).eval(), out)
 
 
-def _finish(model, out: str | Path | None):
+def _finish(model, out: str | Path | None, tokenizer: str = "gpt2"):
     import torch
 
     # Non-trivial norms and biases, so permutation/slicing bugs cannot hide behind ones and zeros.
@@ -87,5 +128,5 @@ def _finish(model, out: str | Path | None):
     if out is not None:
         out = Path(out)
         model.save_pretrained(out, safe_serialization=True)
-        tiny_tokenizer(model.config.vocab_size).save_pretrained(out)
+        tiny_tokenizer(model.config.vocab_size, tokenizer).save_pretrained(out)
     return model

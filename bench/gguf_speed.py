@@ -25,7 +25,6 @@ import json
 import statistics
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
@@ -33,15 +32,15 @@ from amoeba_export.artifacts import atomic_dir, write_meta
 from amoeba_export.backends import get_backend
 from amoeba_export.backends.base import Artifact
 from amoeba_export.backends.gguf.quantize import census, quantize
+from amoeba_export.backends.gguf.reference import LLAMA_CPP_SDIST, llama_cpp_source
 from amoeba_export.backends.meta import export_meta, model_summary, tool_versions
 from amoeba_export.benchmark import bench_artifact
 from amoeba_export.benchmark.harness import cpu_name, default_threads, measure_bandwidth
-from amoeba_export.errors import AmoebaError, ResourceError
+from amoeba_export.errors import AmoebaError
 from amoeba_export.evaluation.validate import validate_artifact
 from amoeba_export.modelio import resolve_model
 from amoeba_export.paths import cache_subdir
 
-LLAMA_CPP_SDIST = "llama-cpp-python==0.3.36"
 SUBNET_FRACTION = 0.5
 # llama.cpp's own default: -march=native (what `pip install llama-cpp-python` builds with no CMAKE_ARGS)
 NATIVE_CMAKE_ARGS = "-DLLAVA_BUILD=OFF -DGGML_NATIVE=ON"
@@ -101,24 +100,6 @@ def compare_builds(ours: dict[str, Artifact], native: Path, threads: int, repeat
                       "portable_over_native": ratio, "portable_over_native_best": best_ratio,
                       "errors": errors[quant]}
     return {"native_cmake_args": NATIVE_CMAKE_ARGS, "native_path": str(native), "per_quant": out}
-
-
-def llama_cpp_source() -> Path:
-    """``vendor/llama.cpp`` of the llama-cpp-python sdist (downloaded once with pip; read only, never imported)."""
-    dest = cache_subdir("packages", "llama-cpp-python-0.3.36-sdist")
-    unpacked = dest / "llama_cpp_python-0.3.36" / "vendor" / "llama.cpp"
-    if (unpacked / "convert_hf_to_gguf.py").is_file():
-        return unpacked
-    archives = sorted(dest.glob("llama_cpp_python-0.3.36.tar.gz"))
-    if not archives:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--quiet",
-                        LLAMA_CPP_SDIST, "-d", str(dest)], check=False)
-        archives = sorted(dest.glob("llama_cpp_python-0.3.36.tar.gz"))
-    if not archives:
-        raise ResourceError(f"could not download the {LLAMA_CPP_SDIST} sdist", fix=f"place it in {dest}")
-    with tarfile.open(archives[0]) as tar:
-        tar.extractall(dest, filter="data")
-    return unpacked
 
 
 def converter_artifact(hf_dir: Path, out: Path, quant: str, threads: int) -> Artifact:

@@ -16,8 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import UnsupportedArchitectureError
-from ..modelio import SUPPORTED_ARCHITECTURES
+from ..architectures import architecture
 from ..reconstruct import ChannelRefit, Compensator, DepthMaps, DepthReconstruction
 from ..shape import ModelDims, Shape
 from .linear import ElasticLinear
@@ -49,6 +48,10 @@ class ElasticBlock(nn.Module):
                           ("down_proj", mlp.down_proj)):
             setattr(self, name, ElasticLinear(lin.weight, lin.bias))
         self.act_fn = mlp.act_fn
+        # Qwen3: per-head RMSNorm over head_dim on queries and keys before RoPE. Its weight is shared by all
+        # heads, so slicing heads leaves it whole (None for architectures without it).
+        self.q_norm: nn.Module | None = getattr(attn, "q_norm", None)
+        self.k_norm: nn.Module | None = getattr(attn, "k_norm", None)
         self.head_dim = dims.head_dim
         self.scaling = dims.head_dim ** -0.5
         # Per projection ("o_proj", "down_proj"): how a narrowed layer makes up for its removed input channels
@@ -96,8 +99,11 @@ class ElasticBlock(nn.Module):
         hd = self.head_dim
         q_dim, kv_dim = width.q_heads * hd, width.kv_heads * hd
         h = self.input_layernorm(x)
-        q = self.q_proj(h, q_dim).view(bsz, seq, width.q_heads, hd).transpose(1, 2)
-        k = self.k_proj(h, kv_dim).view(bsz, seq, width.kv_heads, hd).transpose(1, 2)
+        q = self.q_proj(h, q_dim).view(bsz, seq, width.q_heads, hd)
+        k = self.k_proj(h, kv_dim).view(bsz, seq, width.kv_heads, hd)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(h, kv_dim).view(bsz, seq, width.kv_heads, hd).transpose(1, 2)
         cos, sin = pos
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
@@ -252,12 +258,7 @@ class ElasticLM(nn.Module):
 
 
 def make_elastic(model: nn.Module) -> ElasticLM:
-    """Wrap a stock HF causal LM (Llama, Mistral, Qwen2) as an elastic model. Takes over its modules."""
-    model_type = getattr(model.config, "model_type", None)
-    if model_type not in SUPPORTED_ARCHITECTURES or model_type == "amoeba_llama":
-        supported = ", ".join(sorted(set(SUPPORTED_ARCHITECTURES) - {"amoeba_llama"}))
-        raise UnsupportedArchitectureError(
-            f"cannot make a {model_type!r} model elastic; supported are: {supported}",
-            fix="pass a stock Llama-family checkpoint (not an extracted subnet)",
-        )
+    """Wrap a stock HF causal LM (Llama, Mistral, Qwen2, Qwen3) as an elastic model. Takes over its modules."""
+    architecture(getattr(model.config, "model_type", None), "plan",
+                 fix="pass a stock Llama-family checkpoint (not an extracted subnet)")
     return ElasticLM(model).eval()

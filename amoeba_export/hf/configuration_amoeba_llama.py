@@ -24,6 +24,8 @@ class AmoebaLlamaConfig(LlamaConfig):
     qkv_bias: bool = False
     o_proj_bias: bool = False
     down_proj_bias: bool = False
+    # Per-head RMSNorm on queries and keys before RoPE (subnets of Qwen3); weights self_attn.q_norm/k_norm.
+    qk_norm: bool = False
 
     def __post_init__(self, **kwargs):
         n = self.num_hidden_layers

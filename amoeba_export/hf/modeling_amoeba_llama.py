@@ -13,6 +13,7 @@ from transformers.models.llama.modeling_llama import (
     LlamaForCausalLM,
     LlamaModel,
 )
+from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention
 
 from .configuration_amoeba_llama import AmoebaLlamaConfig
 
@@ -31,6 +32,10 @@ class AmoebaLlamaDecoderLayer(LlamaDecoderLayer):
         layer_config = config.layer_config(layer_idx)
         layer_config._attn_implementation = config._attn_implementation
         super().__init__(layer_config, layer_idx)
+        if config.qk_norm:
+            # Qwen3's attention is Llama's plus q_norm/k_norm (same projections, RoPE and kernels), so a Qwen3
+            # subnet keeps transformers' own forward and its checkpoint's tensor names.
+            self.self_attn = Qwen3Attention(layer_config, layer_idx)
         attn, mlp = self.self_attn, self.mlp
         if config.qkv_bias:
             attn.q_proj, attn.k_proj, attn.v_proj = (_with_bias(p) for p in (attn.q_proj, attn.k_proj, attn.v_proj))

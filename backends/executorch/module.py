@@ -45,6 +45,8 @@ class CachedAttention(nn.Module):
         self.q_heads = attn.q_proj.out_features // head_dim
         self.kv_heads = attn.k_proj.out_features // head_dim
         self.scaling = float(getattr(attn, "scaling", head_dim ** -0.5))
+        # Qwen3 (and its subnets): per-head RMSNorm on queries and keys before RoPE; None elsewhere.
+        self.q_norm, self.k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
         shape = (1, self.kv_heads, max_context, head_dim)
         self.register_buffer("k_cache", torch.zeros(shape), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape), persistent=False)
@@ -53,8 +55,11 @@ class CachedAttention(nn.Module):
                 mask: torch.Tensor) -> torch.Tensor:
         t, d, kv = x.shape[1], self.head_dim, self.kv_heads
         group = self.q_heads // kv
-        q = self.q_proj(x).view(1, t, self.q_heads, d).transpose(1, 2)
-        k = self.k_proj(x).view(1, t, kv, d).transpose(1, 2)
+        q = self.q_proj(x).view(1, t, self.q_heads, d)
+        k = self.k_proj(x).view(1, t, kv, d)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x).view(1, t, kv, d).transpose(1, 2)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin

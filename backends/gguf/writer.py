@@ -2,13 +2,17 @@
 
 Uniform widths keep llama.cpp's ``llama`` architecture (widest tool support). Per-layer widths use ``deci``
 (DeciLM / Nemotron-NAS), the llama.cpp architecture that reads per-layer head counts and FFN widths;
-``llama`` sizes every layer from layer 0 and rejects such files. Tensors are streamed one at a time
-(header and tensor infos first, then data), so a 7B model never sits in memory twice.
+``llama`` sizes every layer from layer 0 and rejects such files. Which llama.cpp graph each HF architecture
+becomes is the table in :mod:`amoeba_export.architectures`: Qwen2 is written as ``llama``/``deci`` too
+(llama.cpp's ``qwen2`` graph reads one head count for all layers and no o_proj/down_proj bias, so it cannot
+load pruned or compensated subnets), Qwen3 as ``qwen3`` (the only graph with q/k-norm weights). Tensors are
+streamed one at a time (header and tensor infos first, then data), so a 7B model never sits in memory twice.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,14 +21,17 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from amoeba_export.architectures import ARCHITECTURES, ROPE_TYPES, qk_norm, rope_type, supported
 from amoeba_export.errors import BackendError, CheckpointError
 
 from ..meta import head_dim, layer_widths, read_hf_config
 from .tokenizer import build_vocab
 
 TENSOR_MAP = json.loads(Path(__file__).with_name("tensor_map.json").read_text())
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "amoeba_llama")
-SUPPORTED_ROPE = ("default", "linear")
+ROPE_FREQS = "rope_freqs.weight"
+# llama.cpp graph -> whether its RoPE pairs adjacent rows (llama, deci: Q/K rows are permuted from HF's
+# rotate-half layout) or rotates halves as HF does (NEOX style: qwen3, rows written as they are).
+GGUF_ROPE_PERMUTE: dict[str, bool] = {"llama": True, "deci": True, "qwen3": False}
 
 
 @dataclass(frozen=True)
@@ -36,6 +43,7 @@ class GGUFPlan:
     widths: dict[str, list[int]]
     tensors: dict[str, tuple[str, str]]  # gguf name -> (safetensors file, hf name)
     notes: tuple[str, ...]
+    rope_freqs: tuple[float, ...] = ()  # llama3 RoPE: per-frequency divisors, written as rope_freqs.weight
 
 
 def _weight_files(hf_dir: Path) -> dict[str, str]:
@@ -74,26 +82,29 @@ def plan_gguf(hf_dir: str | Path) -> GGUFPlan:
     hf_dir = Path(hf_dir)
     cfg = read_hf_config(hf_dir)
     problems, notes = [], []
-    if cfg.get("model_type") not in SUPPORTED_MODEL_TYPES:
-        problems.append(f"model_type {cfg.get('model_type')!r} (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+    entry = ARCHITECTURES.get(cfg.get("model_type"))
+    if entry is None or "gguf" not in entry.stages:
+        problems.append(f"model_type {cfg.get('model_type')!r} (supported are: {', '.join(supported('gguf'))})")
     if cfg.get("hidden_act", "silu") != "silu":
-        problems.append(f"hidden_act {cfg.get('hidden_act')!r} (llama.cpp's llama/deci graphs use silu)")
-    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    if (rope.get("rope_type") or rope.get("type") or "default") not in SUPPORTED_ROPE:
-        problems.append(f"rope type {rope.get('rope_type')!r} (supported: {', '.join(SUPPORTED_ROPE)})")
+        problems.append(f"hidden_act {cfg.get('hidden_act')!r} (llama.cpp's llama/deci/qwen3 graphs use silu)")
+    if rope_type(cfg) not in ROPE_TYPES["gguf"]:
+        problems.append(f"rope type {rope_type(cfg)!r} (supported are: {', '.join(ROPE_TYPES['gguf'])})")
     widths = layer_widths(cfg)
     for i, (q, m) in enumerate(zip(widths["q_heads"], widths["mlp"])):
         if m == 0 and q > 0:
             # deci treats a zero FFN width as "skip the whole block": attention would silently vanish.
             problems.append(f"layer {i} has attention but an MLP width of 0, which llama.cpp would skip entirely")
     uniform = all(len(set(v)) <= 1 for v in widths.values())
-    arch = "llama" if uniform else "deci"
+    arch = _gguf_arch(cfg, uniform, problems)
     if cfg.get("sliding_window") and cfg["sliding_window"] < cfg.get("max_position_embeddings", 0):
         notes.append(f"sliding window {cfg['sliding_window']} is not applied by llama.cpp's {arch} graph; "
                      "keep contexts within it")
     if problems:
         raise BackendError(f"{hf_dir} cannot be written as GGUF: " + "; ".join(problems),
                            fix="export it with the onnx or executorch backend")
+    if entry is not None and entry.model_type == "qwen2":
+        notes.append(f"written as llama.cpp's {arch} graph, not qwen2: the same function, and the only graphs that "
+                     "load pruned per-layer heads and o_proj/down_proj biases")
     n_layers = int(cfg["num_hidden_layers"])
     tensors: dict[str, tuple[str, str]] = {}
     unknown = []
@@ -110,7 +121,49 @@ def plan_gguf(hf_dir: str | Path) -> GGUFPlan:
         raise CheckpointError(f"{hf_dir} has no model.embed_tokens.weight", fix="pass a complete checkpoint")
     if cfg.get("tie_word_embeddings") and "output.weight" in tensors:
         del tensors["output.weight"]  # llama.cpp falls back to token_embd, as the tied HF model does
-    return GGUFPlan(arch, cfg, widths, tensors, tuple(notes))
+    freqs = _llama3_rope_freqs(cfg) if rope_type(cfg) == "llama3" else ()
+    return GGUFPlan(arch, cfg, widths, tensors, tuple(notes), freqs)
+
+
+def _gguf_arch(cfg: dict[str, Any], uniform: bool, problems: list[str]) -> str:
+    """The llama.cpp graph for this folder (architectures.py's table), appending why when there is none."""
+    entry = ARCHITECTURES.get(cfg.get("model_type"))
+    if not qk_norm(cfg):
+        return "llama" if entry is None else (entry.gguf_arch if uniform else entry.gguf_arch_per_layer)
+    # q/k-norm weights exist only in llama.cpp's qwen3 graph, which reads one head count for all layers and
+    # loads no o_proj/down_proj or MLP biases.
+    biases = [k for k in ("o_proj_bias", "down_proj_bias", "attention_bias", "mlp_bias") if cfg.get(k)]
+    if not uniform:
+        problems.append("a Qwen3 subnet with per-layer widths (llama.cpp's qwen3 graph, the only one with q/k-norm "
+                        "weights, reads one head count for all layers; extract with --mode uniform)")
+    if biases:
+        problems.append(f"a Qwen3 model with {', '.join(biases)} (llama.cpp's qwen3 graph loads no such bias; "
+                        "extract with --compensate none)")
+    if rope_type(cfg) == "llama3":
+        problems.append("llama3 RoPE scaling on a Qwen3 model (llama.cpp's qwen3 graph reads no rope_freqs)")
+    return "qwen3"
+
+
+def _llama3_rope_freqs(cfg: dict[str, Any]) -> tuple[float, ...]:
+    """Llama 3.x RoPE scaling as llama.cpp takes it: one divisor per rotary frequency (rope_freqs.weight),
+    computed exactly as llama.cpp's convert_hf_to_gguf.py does."""
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    base = float(rope.get("rope_theta") or cfg.get("rope_theta") or 10000.0)
+    dim = head_dim(cfg)
+    factor = float(rope.get("factor", 8.0))
+    low, high = float(rope.get("low_freq_factor", 1.0)), float(rope.get("high_freq_factor", 4.0))
+    old_context = float(rope.get("original_max_position_embeddings", 8192))
+    out = []
+    for freq in 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))):
+        wavelen = 2 * math.pi / float(freq)
+        if wavelen < old_context / high:
+            out.append(1.0)
+        elif wavelen > old_context / low:
+            out.append(factor)
+        else:
+            smooth = (old_context / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return tuple(out)
 
 
 def _permute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -137,7 +190,7 @@ def _write_hparams(writer, plan: GGUFPlan, name: str, file_type) -> None:
     writer.add_rope_dimension_count(head_dim(cfg))
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
     writer.add_rope_freq_base(float(rope.get("rope_theta") or cfg.get("rope_theta") or 10000.0))
-    if (rope.get("rope_type") or rope.get("type")) == "linear":
+    if rope_type(cfg) == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(rope["factor"]))
     writer.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-6)))
@@ -150,7 +203,7 @@ def _tensor_arrays(hf_dir: Path, plan: GGUFPlan, dtype: np.dtype) -> Iterator[tu
     import torch
     from safetensors import safe_open
 
-    permute = {k: v for k, v in TENSOR_MAP["rope_permute"].items() if k != "about"}
+    permute = {k: v for k, v in TENSOR_MAP["rope_permute"].items() if k != "about" and GGUF_ROPE_PERMUTE[plan.arch]}
     layer_prefix = TENSOR_MAP["layer_prefix"]["hf"].split("{i}")[0]
     handles: dict[str, Any] = {}
     try:
@@ -167,6 +220,8 @@ def _tensor_arrays(hf_dir: Path, plan: GGUFPlan, dtype: np.dtype) -> Iterator[tu
             yield gguf_name, np.ascontiguousarray(arr.astype(np.float32 if arr.ndim == 1 else dtype))
     finally:
         handles.clear()
+    if plan.rope_freqs:
+        yield ROPE_FREQS, np.asarray(plan.rope_freqs, dtype=np.float32)
 
 
 def write_gguf(hf_dir: str | Path, out_file: str | Path, *, dtype: str = "F32", name: str | None = None,
@@ -189,10 +244,13 @@ def write_gguf(hf_dir: str | Path, out_file: str | Path, *, dtype: str = "F32", 
                 shape = list(fh.get_slice(hf_name).get_shape())
             item = np.dtype(np.float32 if len(shape) == 1 else np_dtype)
             writer.add_tensor_info(gguf_name, shape, item, int(np.prod(shape)) * item.itemsize)
+        if plan.rope_freqs:
+            writer.add_tensor_info(ROPE_FREQS, [len(plan.rope_freqs)], np.dtype(np.float32), 4 * len(plan.rope_freqs))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for _, arr in tqdm(_tensor_arrays(hf_dir, plan, np_dtype), total=len(plan.tensors), desc=f"write {dtype}",
+        total = len(plan.tensors) + bool(plan.rope_freqs)
+        for _, arr in tqdm(_tensor_arrays(hf_dir, plan, np_dtype), total=total, desc=f"write {dtype}",
                            unit="tensor", disable=not progress):
             writer.write_tensor_data(arr)
     finally:
