@@ -107,6 +107,7 @@ def bench_artifact(artifact_dir: str | Path, *, threads: int | None = None, prom
         "artifact": str(artifact.path),
         "backend": artifact.backend,
         "quant": artifact.quant,
+        "quant_label": str(artifact.meta.get("quant_label") or artifact.quant),
         "model_bytes": artifact.size_bytes,
         "bytes_per_token": bytes_per_token,
         "threads": threads,
@@ -149,6 +150,7 @@ def format_table(result: dict[str, Any]) -> str:
              ("bandwidth bound", f"{result['bandwidth_bound_tok_s']:.1f} tok/s "
                                  f"({result['bytes_per_token'] / 1e6:.1f} MB read per token)"),
              ("bound fraction", f"{result['bound_fraction']:.3f}")]
-    head = (f"bench {result['artifact']} ({result['backend']}/{result['quant']}), prompt {result['prompt_tokens']}, "
+    label = result.get("quant_label") or result["quant"]
+    head = (f"bench {result['artifact']} ({result['backend']}/{label}), prompt {result['prompt_tokens']}, "
             f"{result['new_tokens']} new tokens, median of {result['repeats']} fresh processes")
     return "\n".join([head, *(f"  {k:<16}{v}" for k, v in rows)])

@@ -46,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
     quant = args.quant or backend.default_quant
     artifact = backend.export(hf_dir, args.out, quant, force=args.force, **parse_options(args.option))
     meta = artifact.meta
-    print(f"exported {hf_dir} → {artifact.path} ({backend.name}/{artifact.quant}, {meta['model_bytes'] / 1e6:.1f} MB, "
+    label = meta.get("quant_label") or artifact.quant  # e.g. "Q4_K_M (92 % Q5_0/Q8_0 fallback)"
+    print(f"exported {hf_dir} → {artifact.path} ({backend.name}/{label}, {meta['model_bytes'] / 1e6:.1f} MB, "
           f"{meta['export_seconds']:.1f} s, peak RSS {meta['export_peak_rss_gb']} GiB)")
     for note in meta.get("notes", []):
         print(f"note: {note}")

@@ -75,6 +75,7 @@ class ValidationReport:
     notes: tuple[str, ...] = ()
     seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+    quant_label: str = ""  # the artifact's honest name, e.g. "Q4_K_M (92 % Q5_0/Q8_0 fallback)"; "" = quant
 
     @property
     def passed(self) -> bool:
@@ -91,7 +92,8 @@ class ValidationReport:
         return d
 
     def table(self) -> str:
-        lines = [f"validation of {self.artifact} ({self.backend}/{self.quant}) against {self.reference}",
+        lines = [f"validation of {self.artifact} ({self.backend}/{self.quant_label or self.quant}) against "
+                 f"{self.reference}",
                  f"text: {self.text}, {self.tokens} tokens in rows of {self.seq_len}; gate {self.gate!r}",
                  f"{'metric':<22}{'value':>14}  gate"]
         gated = {c.metric: c for c in self.checks}
@@ -239,7 +241,8 @@ def validate_artifact(artifact_dir: str | Path, reference_hf_dir: str | Path, *,
         version=REPORT_VERSION, artifact=str(artifact.path), backend=artifact.backend, quant=artifact.quant,
         reference=str(reference), gate=gate_name, text=label, tokens=int(rows.size), seq_len=seq_len,
         metrics={k: float(v) for k, v in metrics.items()}, checks=checks,
-        notes=tuple(artifact.meta.get("notes", [])), seconds=round(time.perf_counter() - start, 2))
+        notes=tuple(artifact.meta.get("notes", [])), seconds=round(time.perf_counter() - start, 2),
+        quant_label=str(artifact.meta.get("quant_label") or artifact.quant))
     if raise_on_fail and not report.passed:
         raise ValidationFailedError(
             f"{artifact.path} failed the {gate_name} gate: " + "; ".join(c.describe() for c in report.failures),

@@ -60,7 +60,7 @@ class GGUFBackend(Backend):
             meta = export_meta(
                 backend=self.name, quant=quant, hf_dir=hf_dir, folder=tmp, model_file=model_file, started=started,
                 tools=tool_versions("gguf", "llama_cpp_python"), bytes_per_token=found.bytes_per_token,
-                notes=notes,
+                notes=notes, quant_label=found.label(quant),
                 gguf={"arch": found.arch, "tensor_types": found.tensor_types, "n_tensors": found.n_tensors,
                       "fallback_tensors": found.fallback},
             )

@@ -14,6 +14,10 @@ from pathlib import Path
 
 from amoeba_export.errors import BackendError
 
+# A quant name is qualified in the artifact's label once at least this share of its weight matrices fell back:
+# a "Q4_K_M" file of a hidden-896 model holds no Q4_K tensor at all, and the name alone would say it does.
+LABEL_FALLBACK_SHARE = 0.5
+
 # quant name -> (llama_cpp ftype constant, the main GGML type it aims for)
 QUANT_TYPES: dict[str, tuple[str, str]] = {
     "Q8_0": ("LLAMA_FTYPE_MOSTLY_Q8_0", "Q8_0"),
@@ -45,16 +49,38 @@ class Census:
     fallback: list[dict] = field(default_factory=list)  # tensors whose rows the target type cannot hold
     bytes_per_token: int = 0
     n_tensors: int = 0
+    n_matrices: int = 0  # 2-D tensors: the ones the quantizer targets (norms and biases stay F32)
+    hidden_size: int = 0
+
+    def fallback_share(self) -> float:
+        return len(self.fallback) / self.n_matrices if self.n_matrices else 0.0
+
+    def label(self, quant: str) -> str:
+        """``quant``, or e.g. ``Q4_K_M (92 % Q5_0/Q8_0 fallback)`` when most weight matrices fell back."""
+        if not self.fallback or self.fallback_share() < LABEL_FALLBACK_SHARE:
+            return quant
+        types = "/".join(sorted({t["type"] for t in self.fallback}))
+        return f"{quant} ({round(100 * self.fallback_share())} % {types} fallback)"
 
     def notes(self, quant: str) -> list[str]:
         if not self.fallback:
             return []
         target = QUANT_TYPES[quant][1]
+        block = self.fallback[0]["block"]
         cols = sorted({t["row"] for t in self.fallback})
         got = Counter(t["type"] for t in self.fallback)
-        return [f"{len(self.fallback)} of {self.n_tensors} tensors could not use {target}-family types and fell "
-                f"back (rows of {', '.join(map(str, cols))} are not multiples of {self.fallback[0]['block']}): "
-                + ", ".join(f"{n}×{t}" for t, n in sorted(got.items()))]
+        note = (f"{len(self.fallback)} of {self.n_matrices} weight matrices ({round(100 * self.fallback_share())} %) "
+                f"could not use {target}-family types and fell back (rows of {', '.join(map(str, cols))} are not "
+                f"multiples of {block}): " + ", ".join(f"{n}×{t}" for t, n in sorted(got.items())))
+        # Rows are input widths: MLP widths (down_proj) and head counts (o_proj) are the subnet's to choose, the
+        # hidden size (every other matrix) is not.
+        advice = []
+        if any(c != self.hidden_size for c in cols):
+            advice.append(f"extract with --round-to {block} so MLP widths are multiples of {block}")
+        if self.hidden_size in cols:
+            advice.append(f"the hidden size {self.hidden_size} is not a multiple of {block}, so its matrices fall "
+                          "back at any width: Q8_0 or Q4_0 (blocks of 32) quantize them as named")
+        return [note + "; " + "; ".join(advice)]
 
 
 def census(path: Path, quant: str) -> Census:
@@ -63,6 +89,8 @@ def census(path: Path, quant: str) -> Census:
     reader = gguf.GGUFReader(str(path))
     arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
     types = Counter(t.tensor_type.name for t in reader.tensors)
+    hidden = reader.fields.get(f"{arch}.embedding_length")
+    hidden_size = int(hidden.parts[-1][0]) if hidden is not None else 0
     names = {t.name for t in reader.tensors}
     fallback = []
     if quant in QUANT_TYPES:
@@ -76,4 +104,5 @@ def census(path: Path, quant: str) -> Census:
     # projection has its own tensor.
     skip = {"token_embd.weight"} if "output.weight" in names else set()
     per_token = sum(int(t.n_bytes) for t in reader.tensors if t.name not in skip)
-    return Census(arch, dict(types), fallback, per_token, len(reader.tensors))
+    matrices = sum(len(t.shape) == 2 for t in reader.tensors)
+    return Census(arch, dict(types), fallback, per_token, len(reader.tensors), matrices, hidden_size)

@@ -82,3 +82,22 @@ def test_unsupported_model_type_quotes_the_table(family_dirs, tmp_path):
     (hf / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(BackendError, match="supported are: llama, mistral, qwen2, qwen3, amoeba_llama"):
         plan_gguf(hf)
+
+
+def test_kquant_label_says_when_most_tensors_fell_back(family_dirs, tmp_path):
+    from amoeba_export.evaluation.validate import validate_artifact
+    from amoeba_export.testing import TEXT
+
+    gguf = get_backend("gguf")
+    artifact = gguf.export(family_dirs["qwen2"], tmp_path / "q4km", "Q4_K_M", progress=False)
+    label = artifact.meta["quant_label"]  # hidden 64, MLP 128: no row is a multiple of 256
+    assert label.startswith("Q4_K_M (100 % ") and label.endswith(" fallback)") and "Q5_0" in label, label
+    assert artifact.quant == "Q4_K_M"  # the machine key (gates, runners) stays the requested type
+    note = next(n for n in artifact.meta["notes"] if "fell back" in n)
+    assert "--round-to 256" in note and "hidden size 64" in note
+    (tmp_path / "text.txt").write_text(TEXT)
+    report = validate_artifact(artifact.path, family_dirs["qwen2"], text_file=tmp_path / "text.txt", seq_len=32,
+                               max_tokens=128, progress=False, raise_on_fail=False)
+    assert f"(gguf/{label})" in report.table()
+    q8 = gguf.export(family_dirs["qwen2"], tmp_path / "q8", "Q8_0", progress=False)
+    assert q8.meta["quant_label"] == "Q8_0"  # rows of 64 and 128 take blocks of 32 whole
