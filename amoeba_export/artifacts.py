@@ -12,6 +12,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from typing import Any
 from .errors import CheckpointError, OutputError, OutputExistsError
 
 META = "meta.json"
+SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 @contextlib.contextmanager
@@ -174,23 +176,24 @@ def file_problems(folder: str | os.PathLike, files: Any, *, checksums: bool = Tr
         return [f"'files' is a {type(files).__name__}, not a mapping of file records"]
     problems = []
     for name, record in sorted(files.items(), key=lambda kv: str(kv[0])):
-        size_ok = isinstance(record, dict) and (record.get("bytes") is None or (
-            isinstance(record["bytes"], int) and not isinstance(record["bytes"], bool) and record["bytes"] >= 0))
-        if not (size_ok and isinstance(record.get("sha256"), str | None)):
-            problems.append(f"the record of {name!r} is not {{bytes: int, sha256: str}}: {record!r:.60}")
-            continue
         try:
             path = member_path(folder, name)
         except CheckpointError:
             problems.append(f"{name!r} is outside the folder")
             continue
+        # Both fields, always: a record without its checksum (or with a null one) would skip the check.
+        if not (isinstance(record, dict) and isinstance(record.get("bytes"), int)
+                and not isinstance(record["bytes"], bool) and record["bytes"] >= 0
+                and isinstance(record.get("sha256"), str) and SHA256.fullmatch(record["sha256"])):
+            problems.append(f"the record of {name!r} is not {{bytes: int, sha256: 64 hex digits}}: {record!r:.60}")
+            continue
         if not path.is_file():
             problems.append(f"{name} is missing")
             continue
         size = path.stat().st_size
-        if record.get("bytes") is not None and size != record["bytes"]:
+        if size != record["bytes"]:
             problems.append(f"{name} is truncated or altered ({size} bytes, {META} says {record['bytes']})")
-        elif checksums and record.get("sha256") and sha256_file(path) != record["sha256"]:
+        elif checksums and sha256_file(path) != record["sha256"]:
             problems.append(f"{name} does not match its recorded sha256 (altered or corrupt)")
     return problems
 

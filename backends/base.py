@@ -21,6 +21,42 @@ from amoeba_export.errors import BackendError, CheckpointError, RuntimeMissingEr
 ARTIFACT_KIND = "export"
 
 
+def _is_int(value: Any, low: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def meta_problems(meta: dict[str, Any]) -> list[str]:
+    """Every field of an export meta.json that is missing or of the wrong type, found before anything reads it:
+    validation, bench and deploy use these fields, and a list where a string belongs would otherwise end in a
+    traceback far from the cause (or, for ``files``, skip the check the record exists for)."""
+    from .meta import META_VERSION
+
+    out = []
+    if meta.get("version") != META_VERSION:
+        out.append(f"version {meta.get('version')!r} is not {META_VERSION}")
+    out += [f"{key} must be a non-empty string, got {meta.get(key)!r:.40}"
+            for key in ("backend", "quant", "model_file") if not (isinstance(meta.get(key), str) and meta[key])]
+    files = meta.get("files")
+    if not isinstance(files, dict) or not files:
+        out.append("files must be a non-empty mapping of file records")
+    elif isinstance(meta.get("model_file"), str) and meta["model_file"] not in files:
+        out.append(f"model_file {meta['model_file']!r} is not among the recorded files")
+    out += [f"{key} must be a non-negative integer, got {meta[key]!r:.40}"
+            for key in ("model_bytes", "bytes_per_token") if meta.get(key) is not None and not _is_int(meta[key])]
+    notes = meta.get("notes", [])
+    if not (isinstance(notes, list) and all(isinstance(n, str) for n in notes)):
+        out.append("notes must be a list of strings")
+    source = meta.get("source", {})
+    if not isinstance(source, dict):
+        out.append(f"source must be a mapping, got {type(source).__name__}")
+    elif not isinstance(source.get("hf_dir"), str | None) or not isinstance(source.get("meta"), dict | None):
+        out.append("source must hold hf_dir (a path) and meta (a mapping or null)")
+    for key in ("shape", "tools"):
+        if not isinstance(meta.get(key, {}), dict):
+            out.append(f"{key} must be a mapping")
+    return out
+
+
 @dataclass(frozen=True)
 class Artifact:
     """An exported model folder; ``meta`` is its meta.json (backend, quant, source, sizes, sha256...)."""
@@ -30,14 +66,22 @@ class Artifact:
 
     @classmethod
     def open(cls, path: str | Path) -> Artifact:
+        """The artifact at ``path``, once its meta.json holds every field of the right type and every file it
+        records is there with its recorded size (sha256 is checked by :meth:`verify`, on load)."""
         meta = read_meta(path, kind=ARTIFACT_KIND)
-        bad = [key for key in ("backend", "quant", "model_file") if not isinstance(meta.get(key), str)]
-        if not isinstance(meta.get("files", {}), dict):
-            bad.append("files")
-        if bad:
-            raise CheckpointError(f"{path}/meta.json lacks a valid {', '.join(bad)}: not an export artifact",
-                                  fix="re-run amoeba export for this folder")
-        return cls(Path(path), meta)
+        if isinstance(meta.get("model_file"), str):
+            member_path(path, meta["model_file"])  # a name leaving the folder is refused as such
+        if problems := meta_problems(meta):
+            raise CheckpointError(f"{path}/meta.json is not a valid export record: " + "; ".join(problems),
+                                  fix="re-run amoeba export for this folder; never edit meta.json by hand")
+        artifact = cls(Path(path), meta)
+        artifact.verify(checksums=False)
+        return artifact
+
+    @property
+    def source_hf_dir(self) -> str | None:
+        """The HF folder the artifact was exported from, as its meta records it."""
+        return (self.meta.get("source") or {}).get("hf_dir")
 
     @property
     def backend(self) -> str:

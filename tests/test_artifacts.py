@@ -18,7 +18,7 @@ def artifact(tmp_path):
     with atomic_dir(out) as tmp:
         (tmp / "model.bin").write_bytes(b"weights" * 100)
         (tmp / "tokenizer.json").write_text("{}")
-        write_meta(tmp, {"kind": "export", "backend": "gguf", "quant": "Q8_0", "model_file": "model.bin",
+        write_meta(tmp, {"kind": "export", "version": 1, "backend": "gguf", "quant": "Q8_0", "model_file": "model.bin",
                          "files": file_inventory(tmp)})
     return out
 
@@ -87,7 +87,7 @@ def test_meta_without_backend_is_not_an_artifact(artifact):
     meta = json.loads((artifact / "meta.json").read_text())
     del meta["backend"]
     (artifact / "meta.json").write_text(json.dumps(meta))
-    with pytest.raises(CheckpointError, match="lacks a valid backend"):
+    with pytest.raises(CheckpointError, match="backend must be a non-empty string"):
         Artifact.open(artifact)
 
 

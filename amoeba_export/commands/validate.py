@@ -25,10 +25,16 @@ def add_validation_arguments(parser: argparse.ArgumentParser) -> None:
 
 def validate_and_print(artifact: str | Path, args: argparse.Namespace) -> int:
     """Run validation, print the table (and JSON), and raise ValidationFailedError when a gate fails."""
-    from amoeba_export.artifacts import read_meta, write_json
+    from amoeba_export.artifacts import write_json
+    from amoeba_export.backends.base import Artifact
+    from amoeba_export.errors import ConfigError
     from amoeba_export.evaluation.validate import validate_artifact
 
-    reference = args.reference or read_meta(artifact, kind="export").get("source", {}).get("hf_dir")
+    # Not the default model when the record names no source: that would validate against an unrelated model.
+    reference = args.reference or Artifact.open(artifact).source_hf_dir
+    if not reference:
+        raise ConfigError("validate", [f"{artifact}/meta.json records no source folder"],
+                          fix="pass --reference HF_DIR")
     report = validate_artifact(artifact, reference, text_file=args.text_file, max_tokens=args.max_tokens,
                                seq_len=args.seq_len, gates_file=args.gates, threads=args.threads,
                                raise_on_fail=False)
