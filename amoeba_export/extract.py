@@ -18,6 +18,7 @@ from .architectures import supported
 from .artifacts import atomic_dir, read_meta, write_json, write_meta
 from .elastic import ElasticLM
 from .errors import OutputExistsError, ShapeError
+from .identity import stage_identity
 from .reconstruct import DepthMaps
 from .shape import Shape
 
@@ -226,7 +227,7 @@ def extract_subnet(source: str | Path, out: str | Path, *, depth: int | None = N
     prepare_shape(elastic, shape)
     path = write_subnet(elastic, shape, out, source_dir=plan.model_dir, force=force,
                         meta={"source": str(source), "source_kind": source_meta.get("kind"),
-                              "compensated": elastic.compensating,
+                              "compensated": elastic.compensating, "source_identity": stage_identity(source),
                               "total_seconds": round(time.perf_counter() - start, 3)})
     return path
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from amoeba_export.artifacts import file_inventory, read_meta
 from amoeba_export.errors import CheckpointError
+from amoeba_export.identity import content_identity, identity_or_none
 
 META_VERSION = 1
 
@@ -124,6 +125,7 @@ def export_meta(*, backend: str, quant: str, hf_dir: str | Path, folder: str | P
         source_meta = None  # a user's own HF folder has no meta.json
     files = file_inventory(folder)
     model_bytes = files[model_file]["bytes"] if model_file in files else None
+    source_identity = identity_or_none(hf_dir)  # None: a user's own HF folder (no record, no identity)
     return {
         "kind": "export",
         "version": META_VERSION,
@@ -131,6 +133,8 @@ def export_meta(*, backend: str, quant: str, hf_dir: str | Path, folder: str | P
         "quant": quant,
         "model_file": model_file,
         "source": {"hf_dir": str(Path(hf_dir).resolve()), "meta": source_meta},
+        "source_identity": source_identity,
+        "identity": content_identity("export", files, source=source_identity, backend=backend, quant=quant),
         "shape": model_summary(hf_dir),
         "tools": tools,
         "files": files,

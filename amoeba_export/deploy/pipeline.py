@@ -19,8 +19,9 @@ from typing import Any
 
 from ..artifacts import atomic_dir, read_meta, write_json, write_meta
 from ..errors import CheckpointError, OutputExistsError, ValidationFailedError
+from ..identity import stage_identity
 from ..targets import TargetProfile
-from .search import SearchResult, require_choice, search, source_id
+from .search import SearchResult, require_choice, search
 
 STAGES = ("search", "extract", "export", "validate", "bench", "report")
 MANIFEST = "manifest.json"
@@ -47,8 +48,9 @@ class DeployOptions:
     progress: bool = True
 
 
-def request_key(source: str | Path, profile: TargetProfile, opts: DeployOptions) -> str:
-    body = {"source": source_id(source), "target": {k: v for k, v in profile.to_dict().items() if k != "path"},
+def request_key(source_identity: str, profile: TargetProfile, opts: DeployOptions) -> str:
+    """What a deploy folder was made for: the source's content identity, the target and the options."""
+    body = {"source": source_identity, "target": {k: v for k, v in profile.to_dict().items() if k != "path"},
             "eval_tokens": opts.eval_tokens, "seq_len": opts.seq_len, "v": DEPLOY_VERSION}
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -62,12 +64,18 @@ class Deployment:
         self.source, self.profile, self.out = Path(source), profile, Path(out)
         self.opts = options or DeployOptions()
         self.log = log
-        self.key = request_key(source, profile, self.opts)
+        self.source_identity = stage_identity(source)
+        self.key = request_key(self.source_identity, profile, self.opts)
         self._loaded = None
         manifest = self.out / MANIFEST
         if manifest.is_file():
             old = json.loads(manifest.read_text())
-            if old.get("request") != self.key:
+            if old.get("request") != self.key and self._same_request_older_source(old):
+                # Same source folder, target and options, but the source was re-planned or re-trained since:
+                # every stage would be stale, so they all redo (no --force: this is what resuming means).
+                log(f"{source} changed since {self.out} was deployed from it: redoing every stage")
+                shutil.rmtree(self.out)
+            elif old.get("request") != self.key:
                 if not force:
                     raise OutputExistsError(f"{self.out} holds a deploy of another request "
                                             f"({old.get('target')} from {old.get('source')})",
@@ -80,9 +88,15 @@ class Deployment:
         self.out.mkdir(parents=True, exist_ok=True)
         self.manifest = json.loads(manifest.read_text()) if manifest.is_file() else {
             "kind": "deploy", "version": DEPLOY_VERSION, "request": self.key, "source": str(self.source),
-            "target": profile.name, "profile": profile.to_dict(), "stages": {}}
+            "source_identity": self.source_identity, "target": profile.name, "profile": profile.to_dict(), "stages": {}}
 
     # -- bookkeeping -----------------------------------------------------------------------------
+    def _same_request_older_source(self, old: dict[str, Any]) -> bool:
+        """Whether ``old`` (a manifest) is this request made from an earlier content of the same source folder."""
+        recorded = old.get("source_identity")
+        return (isinstance(recorded, str) and old.get("source") == str(self.source)
+                and old.get("request") == request_key(recorded, self.profile, self.opts))
+
     def _save_manifest(self) -> None:
         write_json(self.out / MANIFEST, self.manifest)
 
@@ -151,7 +165,8 @@ class Deployment:
         elastic, plan = self._elastic()
         prepare_shape(elastic, shape)
         write_subnet(elastic, shape, folder, source_dir=plan.model_dir, force=True,
-                     meta={"source": str(self.source), "request": self.key, "compensated": elastic.compensating})
+                     meta={"source": str(self.source), "source_identity": self.source_identity, "request": self.key,
+                           "compensated": elastic.compensating})
         return {"params": read_meta(folder)["params"], "extract_seconds": read_meta(folder)["extract_seconds"]}
 
     def _export(self, folder: Path) -> dict[str, Any]:

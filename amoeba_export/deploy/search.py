@@ -14,8 +14,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..artifacts import read_meta, write_json
+from ..artifacts import write_json
 from ..errors import BudgetError
+from ..identity import stage_identity
 from ..paths import cache_subdir
 from ..shape import Shape
 from ..targets import TargetProfile
@@ -94,13 +95,6 @@ class SearchResult:
         if self.ppl_text:
             lines.append(f"ppl: perplexity over {self.ppl_text}")
         return "\n".join(lines)
-
-
-def source_id(source: str | Path) -> str:
-    """Identity of a plan folder or elastic checkpoint: its resolved path and meta.json contents."""
-    meta = read_meta(source)
-    body = json.dumps({"path": str(Path(source).resolve()), "meta": meta}, sort_keys=True, default=str)
-    return hashlib.sha256(body.encode()).hexdigest()[:16]
 
 
 def candidate_shapes(plan, modes: tuple[str, ...], max_candidates: int) -> list[Shape]:
@@ -193,7 +187,7 @@ def search(source: str | Path, profile: TargetProfile, *, eval_tokens: int = 102
     from ..modelio import load_config
 
     t0 = time.perf_counter()
-    sid = source_id(source)
+    sid = stage_identity(source)  # by content: a re-planned folder misses every cache
     elastic, plan = loaded if loaded is not None else load_source(source)[:2]
     dims, compensate = plan.dims, elastic.compensating
     model_type = load_config(plan.model_dir).model_type

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..artifacts import META, file_problems, read_meta
 from ..errors import CheckpointError
+from ..identity import stage_identity
 from .config import CONFIG_VERSION, SMoLConfig, TrainConfig
 
 if TYPE_CHECKING:
@@ -146,6 +147,10 @@ def load_trained_elastic(ckpt_dir: str | Path, *, compensate: str | bool | None 
     if not (plan_dir / "meta.json").is_file():
         raise CheckpointError(f"the plan {plan_dir} that {ckpt_dir} was trained on is missing",
                               fix="restore the plan folder or re-train")
+    if meta.get("plan_identity") not in (None, stage_identity(plan_dir)):
+        # The adapters were trained on that plan's permutation; another plan's would scramble them.
+        raise CheckpointError(f"the plan {plan_dir} was re-computed after {ckpt_dir} was trained on it",
+                              fix="restore the plan the run used, or re-train on the new one")
     comp = meta.get("compensate") if compensate is None else compensate
     elastic, plan = load_elastic(plan_dir, compensate=comp, depth_maps=depth_maps, depth_map_tokens=depth_map_tokens)
     wrapper = SMoLModel(elastic, smol_config_of(meta))

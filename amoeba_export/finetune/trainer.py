@@ -24,6 +24,7 @@ import torch
 
 from ..artifacts import file_inventory, write_json, write_meta
 from ..errors import CheckpointError, DataError, OutputExistsError
+from ..identity import content_identity, stage_identity
 from .checkpoint import (
     ELASTIC_KIND,
     ELASTIC_VERSION,
@@ -101,11 +102,14 @@ class Run:
     def __init__(self, accelerator, plan, plan_dir: Path, config: TrainConfig, out: Path) -> None:
         self.acc, self.plan, self.plan_dir, self.config, self.out = accelerator, plan, plan_dir, config, out
 
-    def elastic_meta(self, step: int, *, final: bool) -> dict[str, Any]:
+    def elastic_meta(self, step: int, *, final: bool, files: dict[str, Any]) -> dict[str, Any]:
+        plan_identity = stage_identity(self.plan_dir)
         return {"kind": ELASTIC_KIND, "version": ELASTIC_VERSION, "plan_dir": str(self.plan_dir),
-                "model_dir": str(self.plan.model_dir), "compensate": self.plan.config.compensate,
+                "plan_identity": plan_identity, "model_dir": str(self.plan.model_dir),
+                "compensate": self.plan.config.compensate,
                 "smol": self.config.to_dict()["smol"], "train": self.config.to_dict(), "step": step,
-                "final": final, "weights": WEIGHTS, "world_size": self.acc.num_processes}
+                "final": final, "weights": WEIGHTS, "world_size": self.acc.num_processes, "files": files,
+                "identity": content_identity(ELASTIC_KIND, files, plan=plan_identity)}
 
 
 def _check_resume(ckpt: Path, config: TrainConfig, plan_dir: Path, world: int) -> dict[str, Any]:
@@ -118,6 +122,8 @@ def _check_resume(ckpt: Path, config: TrainConfig, plan_dir: Path, world: int) -
     problems = resume_problems(saved, config)
     if Path(meta["plan_dir"]).resolve() != plan_dir.resolve():
         problems.append(f"plan: checkpoint used {meta['plan_dir']}, requested {plan_dir}")
+    elif meta.get("plan_identity") not in (None, stage_identity(plan_dir)):
+        problems.append(f"plan: {plan_dir} was re-computed since the checkpoint was written (its content differs)")
     if meta.get("world_size") != world:
         problems.append(f"processes: checkpoint ran {meta.get('world_size')}, this run has {world}")
     for name in ("optimizer.pt", "scheduler.json", "state.json", *(f"rng-rank{r}.pt" for r in range(world))):
@@ -228,9 +234,7 @@ def train(plan_dir: str | Path, config: TrainConfig, out: str | Path, *, resume:
             write_json(partial / "state.json", {"step": step, "sampler": sampler.state(step),
                                                 "data": {"rows": len(rows), "source": rows.source},
                                                 "rank_param_sha256": digests})
-            meta = run.elastic_meta(step, final=False)
-            meta["files"] = file_inventory(partial)
-            write_meta(partial, meta)
+            write_meta(partial, run.elastic_meta(step, final=False, files=file_inventory(partial)))
             target = folder / checkpoint_name(step)
             if target.exists():
                 shutil.rmtree(target)
@@ -280,8 +284,7 @@ def train(plan_dir: str | Path, config: TrainConfig, out: str | Path, *, resume:
         tmp = out / f".{WEIGHTS}.tmp"
         save_file(model.trainable_state(), str(tmp))
         os.replace(tmp, out / WEIGHTS)
-        meta = run.elastic_meta(config.steps, final=True)
-        meta["files"] = {WEIGHTS: file_inventory(out)[WEIGHTS]}
+        meta = run.elastic_meta(config.steps, final=True, files={WEIGHTS: file_inventory(out)[WEIGHTS]})
         meta["train_seconds"] = round(time.perf_counter() - started, 1)
         write_meta(out, meta)
     acc.wait_for_everyone()

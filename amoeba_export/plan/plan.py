@@ -20,8 +20,9 @@ from typing import Any
 
 import torch
 
-from ..artifacts import atomic_dir, read_meta, write_json, write_meta
+from ..artifacts import atomic_dir, file_inventory, read_meta, write_json, write_meta
 from ..errors import CheckpointError, ConfigError, ShapeError
+from ..identity import content_identity
 from ..reconstruct import (
     Compensator,
     DepthReconstruction,
@@ -308,7 +309,10 @@ class Plan:
             if gram:
                 save_file(gram, str(tmp / GRAM_FILE))
             write_json(tmp / "plan.json", body)
+            # Hashed once, here: the plan's identity (what caches downstream key on) derives from these.
+            files = file_inventory(tmp)
             write_meta(tmp, {"kind": "plan", "version": PLAN_VERSION, "model_dir": self.model_dir,
+                             "files": files, "identity": content_identity("plan", files, model_dir=self.model_dir),
                              **(extra_meta or {})})
         return Path(out)
 

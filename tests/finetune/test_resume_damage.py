@@ -102,3 +102,24 @@ def test_a_half_written_log_line_alone_resumes_from_the_latest(tiny_plan, text_f
     lines = (run / "log.jsonl").read_text().splitlines()
     assert lines[:2] == (tmp_path / "log.before").read_text().splitlines() and '"step": 3' in lines[2]
     assert len(lines) == 3
+
+
+def test_a_replanned_plan_is_refused_by_resume_and_extraction(tiny_plan, text_file, tmp_path, one_thread, capsys):
+    """The adapters are tied to the plan's content: re-planning its folder must not be silently trained on or
+    extracted from (identity by content, issue 13 item 8)."""
+    import dataclasses
+
+    from amoeba_export.plan import Plan
+
+    plan_dir = tmp_path / "plan"
+    shutil.copytree(tiny_plan, plan_dir)
+    run = tmp_path / "run"
+    assert _train(capsys, plan_dir, run, text_file, 2)[0] == 0
+    plan = Plan.load(plan_dir)
+    dataclasses.replace(plan, config=dataclasses.replace(plan.config, round_to=16)).save(plan_dir, force=True)
+
+    code, err = _train(capsys, plan_dir, run, text_file, 4, "--resume")
+    assert code == 2 and "re-computed since the checkpoint" in "".join(err), err
+    code = main(["extract", str(run), "--depth", "4", "--width", "0.5", "--out", str(tmp_path / "sub")])
+    errors = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and "re-computed after" in errors[0]
