@@ -125,23 +125,32 @@ def plan_gguf(hf_dir: str | Path) -> GGUFPlan:
     return GGUFPlan(arch, cfg, widths, tensors, tuple(notes), freqs)
 
 
+def gguf_limits(cfg: dict[str, Any]) -> list[str]:
+    """Why llama.cpp has no graph for this (supported) architecture's folder: empty when it has one. These are
+    llama.cpp's limits, not ours, so the pipeline reports them as "unsupported", never as a failure."""
+    if not qk_norm(cfg):
+        return []
+    # q/k-norm weights exist only in llama.cpp's qwen3 graph, which reads one head count for all layers and
+    # loads no o_proj/down_proj or MLP biases.
+    out = []
+    if not all(len(set(v)) <= 1 for v in layer_widths(cfg).values()):
+        out.append("a Qwen3 subnet with per-layer widths (llama.cpp's qwen3 graph, the only one with q/k-norm "
+                   "weights, reads one head count for all layers; extract with --mode uniform)")
+    if biases := [k for k in ("o_proj_bias", "down_proj_bias", "attention_bias", "mlp_bias") if cfg.get(k)]:
+        out.append(f"a Qwen3 model with {', '.join(biases)} (llama.cpp's qwen3 graph loads no such bias; "
+                   "extract with --compensate none)")
+    if rope_type(cfg) == "llama3":
+        out.append("llama3 RoPE scaling on a Qwen3 model (llama.cpp's qwen3 graph reads no rope_freqs)")
+    return out
+
+
 def _gguf_arch(cfg: dict[str, Any], uniform: bool, problems: list[str]) -> str:
     """The llama.cpp graph for this folder (architectures.py's table), appending why when there is none."""
     entry = ARCHITECTURES.get(cfg.get("model_type"))
-    if not qk_norm(cfg):
-        return "llama" if entry is None else (entry.gguf_arch if uniform else entry.gguf_arch_per_layer)
-    # q/k-norm weights exist only in llama.cpp's qwen3 graph, which reads one head count for all layers and
-    # loads no o_proj/down_proj or MLP biases.
-    biases = [k for k in ("o_proj_bias", "down_proj_bias", "attention_bias", "mlp_bias") if cfg.get(k)]
-    if not uniform:
-        problems.append("a Qwen3 subnet with per-layer widths (llama.cpp's qwen3 graph, the only one with q/k-norm "
-                        "weights, reads one head count for all layers; extract with --mode uniform)")
-    if biases:
-        problems.append(f"a Qwen3 model with {', '.join(biases)} (llama.cpp's qwen3 graph loads no such bias; "
-                        "extract with --compensate none)")
-    if rope_type(cfg) == "llama3":
-        problems.append("llama3 RoPE scaling on a Qwen3 model (llama.cpp's qwen3 graph reads no rope_freqs)")
-    return "qwen3"
+    if qk_norm(cfg):
+        problems += gguf_limits(cfg)
+        return "qwen3"
+    return "llama" if entry is None else (entry.gguf_arch if uniform else entry.gguf_arch_per_layer)
 
 
 def _llama3_rope_freqs(cfg: dict[str, Any]) -> tuple[float, ...]:
