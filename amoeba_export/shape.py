@@ -14,6 +14,13 @@ from .errors import ShapeError
 
 SHAPE_VERSION = 1
 
+# What a parameter budget counts. "total" (the default) is every parameter, embeddings included: what a model
+# card states and what file size and memory follow. "transformer" leaves out the embedding and lm_head, which
+# no shape changes: what compute per token follows, and what a user of a large-vocabulary model means by "half
+# the model" (Qwen2-0.5B's untied embeddings are 272M of its 630M parameters, so half the total keeps ~1/6 of
+# its transformer).
+PARAMS_KINDS = ("total", "transformer")
+
 
 @dataclass(frozen=True)
 class ModelDims:
@@ -31,6 +38,19 @@ class ModelDims:
     @property
     def group_size(self) -> int:
         return self.num_heads // self.num_kv_heads
+
+    @property
+    def embedding_params(self) -> int:
+        """The embedding table plus an untied lm_head: the same in every shape."""
+        return self.vocab_size * self.hidden_size * (1 if self.tied_embeddings else 2)
+
+    def total_budget(self, params: int, kind: str) -> int:
+        """A ``kind`` budget (see PARAMS_KINDS) as a total-parameter budget: equivalent, since every shape has
+        the same embedding parameters."""
+        if kind not in PARAMS_KINDS:
+            raise ShapeError(f"unknown parameter kind {kind!r}; supported are: {', '.join(PARAMS_KINDS)}",
+                             fix="pass --params-kind total or transformer")
+        return params + (self.embedding_params if kind == "transformer" else 0)
 
     @classmethod
     def from_config(cls, config: Any) -> ModelDims:

@@ -109,3 +109,22 @@ def test_amoeba_llama_with_qk_norm_loads_without_amoeba_code(tmp_path):
     proc = subprocess.run([sys.executable, "-c", NO_AMOEBA, str(tmp_path / "qk")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split()[-3:] == ["Qwen3Attention", "(16,)"]
+
+
+def test_params_kind_transformer_leaves_out_the_embedding(capsys, tiny_plan_dir, tmp_path):
+    from amoeba_export.cli import main
+    from amoeba_export.plan import Plan
+
+    dims = Plan.load(tiny_plan_dir).dims
+    budget = 200_000
+    for kind in ("total", "transformer"):
+        assert main(["extract", str(tiny_plan_dir), "--out", str(tmp_path / kind), "--params", str(budget),
+                     "--params-kind", kind, "--no-depth-maps"]) == 0
+        out = capsys.readouterr().out
+        params = read_meta(tmp_path / kind)["params"]
+        counted = params - (dims.embedding_params if kind == "transformer" else 0)
+        assert counted <= budget, (kind, counted)
+        assert f"{params - dims.embedding_params:,} transformer + {dims.embedding_params:,} embedding" in out
+        assert f"budget {budget:,} {kind}" in out
+    # The same number buys more model when the embedding is not counted.
+    assert read_meta(tmp_path / "transformer")["params"] > read_meta(tmp_path / "total")["params"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..reconstruct.modes import COMPENSATE_MODES
+from ..shape import PARAMS_KINDS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -16,6 +17,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="global: per-layer widths by importance; uniform: the same ratio in every layer "
                         "(default: global with --depth/--width; with --params the better of both)")
     p.add_argument("--params", type=float, help="pick the largest plan shape with at most this many parameters")
+    p.add_argument("--params-kind", choices=PARAMS_KINDS, default="total",
+                   help="what --params counts: total (default: every parameter, as a model card counts them and as "
+                        "file size and memory follow) or transformer (without embedding and lm_head, which no shape "
+                        "changes: what compute follows; with a large vocabulary, half the total keeps little of "
+                        "the transformer)")
     p.add_argument("--round-to", type=int, help="MLP widths are multiples of this (e.g. 256 for GGUF k-quants)")
     comp = p.add_mutually_exclusive_group()
     comp.add_argument("--compensate", choices=COMPENSATE_MODES, default=None,
@@ -38,10 +44,12 @@ def run(args: argparse.Namespace) -> int:
     import time
 
     from ..artifacts import read_meta
-    from ..extract import extract_subnet
+    from ..extract import extract_subnet, source_plan
 
     params = _params(args)
     start = time.perf_counter()
+    if params is not None:  # the plan's dims are cheap to read (no weights)
+        params = source_plan(args.source).dims.total_budget(params, args.params_kind)
     out = extract_subnet(args.source, args.out, depth=args.depth, width=args.width, mode=args.mode,
                          params=params, compensate=args.compensate,
                          depth_maps=args.depth_maps, depth_map_tokens=args.depth_map_tokens, round_to=args.round_to,
@@ -50,7 +58,12 @@ def run(args: argparse.Namespace) -> int:
     kind = "stock" if meta["stock"] else "per-layer (amoeba_llama)"
     rec = meta.get("reconstruction", {})
     maps = f", {len(rec['depth_maps'])} depth map(s) in {rec['fit_seconds']:.1f} s" if rec.get("depth_maps") else ""
-    print(f"wrote {out}: {meta['shape']['name']}, {meta['params']:,} parameters, {kind} checkpoint, "
+    dims = source_plan(args.source).dims
+    emb = dims.embedding_params
+    counts = (f"{meta['params']:,} parameters ({meta['params'] - emb:,} transformer + {emb:,} "
+              f"{'embedding' if dims.tied_embeddings else 'embedding and lm_head'})")
+    budget = f", budget {args.params:,.0f} {args.params_kind}" if args.params is not None else ""
+    print(f"wrote {out}: {meta['shape']['name']}, {counts}{budget}, {kind} checkpoint, "
           f"width compensation {rec.get('width', 'none')}{maps}, {time.perf_counter() - start:.2f} s")
     return 0
 
