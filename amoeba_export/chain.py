@@ -1,7 +1,8 @@
 """The whole pipeline on one model, stage by stage, every stage's outcome recorded instead of raised.
 
-plan → extract (uniform and per-layer subnets) → export (GGUF F16/Q8_0, ONNX fp32, ExecuTorch fp32) →
-validate. ``bench/any_model.py`` runs it on a tiny random model of every family; tests run it per family.
+plan → [train → extract from the checkpoint] → extract (uniform and per-layer subnets) → export (GGUF F16/Q8_0,
+ONNX fp32, ExecuTorch fp32) → validate. ``bench/any_model.py`` runs it on a tiny random model of every
+family; tests run it per family.
 An outcome is ``ok``, ``unsupported: …`` (a limit of the target runtime named by the architecture table,
 e.g. llama.cpp has no graph for per-layer Qwen3 subnets), ``error: …`` or ``skipped: …`` (an earlier
 stage it needs failed).
@@ -45,8 +46,9 @@ class ChainResult:
 
 def run_chain(model_dir: str | Path, root: str | Path, *, exports: Sequence[tuple[str, str]] = EXPORTS,
               subnets: dict[str, dict[str, Any]] | None = None, text_file: str | Path | None = None,
-              validate: bool = True, calibration_seed: int = 0) -> ChainResult:
-    """Run every stage on ``model_dir`` (a stock HF folder), writing under ``root``."""
+              validate: bool = True, calibration_seed: int = 0, train_steps: int = 0) -> ChainResult:
+    """Run every stage on ``model_dir`` (a stock HF folder), writing under ``root``. ``train_steps`` > 0 adds a
+    short elastic fine-tune on ``text_file`` and an extraction of the per-layer subnet from its checkpoint."""
     import torch
 
     from .backends import get_backend
@@ -87,7 +89,16 @@ def run_chain(model_dir: str | Path, root: str | Path, *, exports: Sequence[tupl
         return plan.save(root / "plan", force=True)
 
     plan_dir = stage("plan", make_plan)
-    for sub, kwargs in (subnets or SUBNETS).items():
+    if train_steps:
+        from .finetune import TrainConfig
+        from .finetune.trainer import train
+
+        config = TrainConfig(steps=train_steps, seq_len=16, lr=1e-2, save_every=train_steps, shapes_per_step=2,
+                             data_files=(str(text_file),) if text_file else ())
+        stage("train", lambda: train(plan_dir, config, root / "run", force=True, progress=False), needs=["plan"])
+        stage("extract:trained", lambda: extract_subnet(root / "run", root / "trained", force=True,
+                                                        **SUBNETS["per-layer"]), needs=["train"])
+    for sub, kwargs in (SUBNETS if subnets is None else subnets).items():
         sub_dir = stage(f"extract:{sub}", lambda kw=kwargs, s=sub: extract_subnet(plan_dir, root / s, force=True, **kw),
                         needs=["plan"])
         for backend, quant in exports:

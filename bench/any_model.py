@@ -1,6 +1,7 @@
 """Issue 14: any Llama-family checkpoint a user brings, end to end. A tiny random model of every family
-(Llama with llama3 RoPE scaling, tied Llama, Mistral, Qwen2, Qwen3 with q/k norm) through plan → extract
-(uniform and per-layer) → GGUF F16 and Q8_0, ONNX fp32, ExecuTorch fp32 → validate.
+(Llama with llama3 RoPE scaling, tied Llama, Mistral, Qwen2, Qwen3 with q/k norm) through plan → a 2-step elastic
+fine-tune and an extraction from its checkpoint → extract (uniform and per-layer) → GGUF F16 and Q8_0, ONNX fp32,
+ExecuTorch fp32 → validate.
 
 Each stage's outcome is ``ok``, ``unsupported: …`` (a limit of the target runtime that the architecture table
 names: llama.cpp has no graph for per-layer or compensated Qwen3 subnets), ``error: …`` or ``skipped: …``.
@@ -30,6 +31,8 @@ def main() -> None:
     ap.add_argument("--exports", default=",".join(f"{b}:{q}" for b, q in EXPORTS),
                     help="comma-separated backend:quant pairs")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (validation runtimes use 1)")
+    ap.add_argument("--train-steps", type=int, default=2,
+                    help="elastic fine-tune steps before extracting from the checkpoint (0: no train stage)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     families = [f for f in args.families.split(",") if f]
@@ -45,11 +48,12 @@ def main() -> None:
         started = time.perf_counter()
         model_dir = work / family / "model"
         tiny_family(family, model_dir)
-        result = run_chain(model_dir, work / family, exports=exports, text_file=work / "text.txt")
+        result = run_chain(model_dir, work / family, exports=exports, text_file=work / "text.txt",
+                           train_steps=args.train_steps)
         stages[family], seconds[family] = result.stages, round(time.perf_counter() - started, 1)
         print(f"\n{family} ({seconds[family]} s)")
         for stage, outcome in result.stages.items():
-            print(f"  {stage:<34}{outcome[:150]}  ({result.seconds.get(stage, 0):.1f} s)")
+            print(f"  {stage:<38}{outcome[:150]}  ({result.seconds.get(stage, 0):.1f} s)")
     failed = {f: [s for s, v in st.items() if v.startswith(("error", "skipped"))] for f, st in stages.items()}
     print("RESULT " + json.dumps({
         "all_ok": not any(failed.values()),

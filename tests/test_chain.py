@@ -128,3 +128,11 @@ def test_params_kind_transformer_leaves_out_the_embedding(capsys, tiny_plan_dir,
         assert f"budget {budget:,} {kind}" in out
     # The same number buys more model when the embedding is not counted.
     assert read_meta(tmp_path / "transformer")["params"] > read_meta(tmp_path / "total")["params"]
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "llama3"])
+def test_train_then_extract_from_the_checkpoint(family, tmp_path, text_file):
+    result = run_chain(family_model(family, tmp_path), tmp_path, exports=[], text_file=text_file, train_steps=2,
+                       subnets={})
+    assert set(result.stages.values()) == {"ok"}, result.stages
+    assert read_meta(tmp_path / "trained")["model_type"] == "amoeba_llama"
