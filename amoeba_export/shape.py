@@ -17,7 +17,7 @@ SHAPE_VERSION = 1
 # What a parameter budget counts. "total" (the default) is every parameter, embeddings included: what a model
 # card states and what file size and memory follow. "transformer" leaves out the embedding and lm_head, which
 # no shape changes: what compute per token follows, and what a user of a large-vocabulary model means by "half
-# the model" (Qwen2-0.5B's untied embeddings are 272M of its 630M parameters, so half the total keeps ~1/6 of
+# the model" (Qwen2-0.5B's untied embeddings are 272M of its 630M parameters, so half the total keeps ~1/8 of
 # its transformer).
 PARAMS_KINDS = ("total", "transformer")
 

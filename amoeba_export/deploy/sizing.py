@@ -12,9 +12,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..architectures import supported
 from ..shape import ModelDims, Shape
 
-STOCK_TYPES = {"llama", "mistral", "qwen2"}
+STOCK_TYPES = set(supported("extract"))  # as extraction decides (architectures.py)
 
 
 @dataclass(frozen=True)
