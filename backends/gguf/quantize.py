@@ -11,8 +11,12 @@ import ctypes
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from amoeba_export.errors import BackendError
+
+if TYPE_CHECKING:
+    from .imatrix import IMatrix
 
 # A quant name is qualified in the artifact's label once at least this share of its weight matrices fell back:
 # a "Q4_K_M" file of a hidden-896 model holds no Q4_K tensor at all, and the name alone would say it does.
@@ -28,13 +32,34 @@ QUANT_TYPES: dict[str, tuple[str, str]] = {
 }
 
 
-def quantize(src: Path, dst: Path, quant: str, *, threads: int) -> None:
+# Quant types whose llama.cpp quantizer weighs columns by an importance matrix (ggml's quantize_q4_0 and the
+# k-quants take ``quant_weights``; quantize_q8_0 ignores them, so an imatrix would only cost a calibration pass).
+CALIBRATED = frozenset({"Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K"})
+
+# GGUF keys llama-quantize writes when it quantizes with an imatrix (tools/quantize/quantize.cpp), so a file we
+# quantize says so exactly as one of llama.cpp's own does.
+KEY_IMATRIX_FILE = b"quantize.imatrix.file"
+KEY_IMATRIX_DATASET = b"quantize.imatrix.dataset"
+KEY_IMATRIX_ENTRIES = b"quantize.imatrix.entries_count"
+KEY_IMATRIX_CHUNKS = b"quantize.imatrix.chunks_count"
+
+
+def quantize(src: Path, dst: Path, quant: str, *, threads: int, imatrix: IMatrix | None = None,
+             imatrix_file: str = "") -> None:
+    """llama.cpp's quantizer through llama-cpp-python; with ``imatrix`` it gets the importance matrix as
+    ``llama_model_quantize_params.imatrix`` (a C array of name/values/size, what ``llama-quantize --imatrix``
+    builds from the file) and the ``quantize.imatrix.*`` keys ``llama-quantize`` writes (``imatrix_file`` names
+    the file, as its command line would)."""
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, QUANT_TYPES[quant][0])
     params.nthread = threads
+    keep = []  # the C arrays point into these; they must live until the call returns
+    if imatrix is not None:
+        keep = _imatrix_params(params, imatrix, imatrix_file)
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    del keep
     if rc != 0 or not dst.is_file():
         raise BackendError(f"llama.cpp's quantizer failed on {src.name} for {quant} (return code {rc})",
                            fix="re-run with --quant F16 to check that the unquantized file loads")
@@ -106,3 +131,32 @@ def census(path: Path, quant: str) -> Census:
     per_token = sum(int(t.n_bytes) for t in reader.tensors if t.name not in skip)
     matrices = sum(len(t.shape) == 2 for t in reader.tensors)
     return Census(arch, dict(types), fallback, per_token, len(reader.tensors), matrices, hidden_size)
+
+
+def _imatrix_params(params, imatrix: IMatrix, imatrix_file: str) -> list:
+    import llama_cpp
+    import numpy as np
+
+    values = {name: np.ascontiguousarray(v, dtype=np.float32) for name, v in imatrix.values().items()}
+    names = {name: name.encode() for name in values}
+    entries = (llama_cpp.llama_model_imatrix_data * (len(values) + 1))()  # zeroed: the last is the terminator
+    for entry, (name, v) in zip(entries, values.items()):
+        entry.name = names[name]
+        entry.data = v.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        entry.size = v.size
+    params.imatrix = ctypes.cast(entries, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
+    kv = [(KEY_IMATRIX_FILE, imatrix_file.encode()[:127]), (KEY_IMATRIX_DATASET, imatrix.dataset.encode()[:127]),
+          (KEY_IMATRIX_ENTRIES, len(values))]
+    if imatrix.chunk_count > 0:
+        kv.append((KEY_IMATRIX_CHUNKS, imatrix.chunk_count))
+    overrides = (llama_cpp.llama_model_kv_override * (len(kv) + 1))()  # zeroed key: the terminator
+    for o, (key, value) in zip(overrides, kv):
+        o.key = key
+        if isinstance(value, bytes):
+            o.tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR
+            o.value.val_str = value
+        else:
+            o.tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT
+            o.value.val_i64 = value
+    params.kv_overrides = ctypes.cast(overrides, ctypes.POINTER(llama_cpp.llama_model_kv_override))
+    return [values, names, entries, overrides]
