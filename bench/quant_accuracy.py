@@ -1,0 +1,151 @@
+"""4-bit accuracy per backend and scheme, round-to-nearest vs calibrated, against the PyTorch source (issue 16).
+
+Every row is one export of the same HF folder (default: the shipped SmolLM2-135M) validated with
+``validate_artifact`` against the PyTorch model on held-out rows spread over the split (default 2,048 tokens in
+4 rows of 512): file size, perplexity ratio, mean KL(PyTorch ‖ artifact), top-1 agreement.
+
+    python bench/quant_accuracy.py [--model default] [--backends gguf,onnx] [--tokens 2048] [--threads 1] [--reuse]
+
+GGUF rows: Q4_0 and Q4_K_M with ``imatrix=off`` (round-to-nearest: llama.cpp's own scale search, no data) and
+``imatrix=on`` (llama.cpp's importance matrix from 16,384 calibration tokens), Q8_0 as the 8-bit reference.
+ONNX rows: the shipped ``int4`` (MatMulNBits default RTN, block 32) and the calibrated algorithms of
+onnxruntime's ``MatMulNBitsQuantizer`` the backend offers. ExecuTorch calibrated 8da4w and ``--qat`` are not
+built yet: their RESULT keys are null with the reason. Ends with one ``RESULT {json}`` line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from amoeba_export.backends import get_backend
+from amoeba_export.backends.base import Artifact
+from amoeba_export.evaluation.validate import validate_artifact
+from amoeba_export.identity import identity_or_none
+from amoeba_export.modelio import resolve_model
+from amoeba_export.paths import cache_subdir
+
+
+@dataclass(frozen=True)
+class Row:
+    backend: str
+    scheme: str  # what a user names: the quant type
+    method: str  # how the weights were rounded: rtn, imatrix, hqq, gptq, ...
+    quant: str  # the backend's quant type
+    options: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"{self.backend}-{self.quant}-{self.method}"
+
+
+ROWS: tuple[Row, ...] = (
+    Row("gguf", "Q8_0", "rtn", "Q8_0"),
+    Row("gguf", "Q4_K_M", "rtn", "Q4_K_M", {"imatrix": "off"}),
+    Row("gguf", "Q4_K_M", "imatrix", "Q4_K_M", {"imatrix": "on"}),
+    Row("gguf", "Q4_0", "rtn", "Q4_0", {"imatrix": "off"}),
+    Row("gguf", "Q4_0", "imatrix", "Q4_0", {"imatrix": "on"}),
+    Row("onnx", "int4", "rtn", "int4"),
+    Row("onnx", "int4", "hqq", "int4-hqq"),
+)
+
+# RESULT key -> the row whose ppl ratio it reports (backend, scheme, method).
+RESULT_ROWS: dict[str, tuple[str, str, str]] = {
+    "gguf_q4km_ppl_ratio": ("gguf", "Q4_K_M", "imatrix"),
+    "gguf_q4km_rtn_ppl_ratio": ("gguf", "Q4_K_M", "rtn"),
+    "gguf_q40_ppl_ratio": ("gguf", "Q4_0", "imatrix"),
+    "gguf_q40_rtn_ppl_ratio": ("gguf", "Q4_0", "rtn"),
+    "onnx_int4_ppl_ratio": ("onnx", "int4", "rtn"),
+    "onnx_int4_hqq_ppl_ratio": ("onnx", "int4", "hqq"),
+}
+# Keys of the issue that no row of this bench can fill yet, and why.
+NOT_BUILT: dict[str, str] = {
+    "et_8da4w_ppl_ratio": "ExecuTorch 8da4w with calibration (torchao GPTQ/HQQ/AWQ) is not built yet",
+    "et_phone_ppl_ratio": "the phone profile's recipe is unchanged until calibrated 8da4w exists",
+    "et_phone_mb": "the phone profile's recipe is unchanged until calibrated 8da4w exists",
+    "qat": "amoeba train --qat is not built yet",
+}
+
+
+def export_row(row: Row, hf_dir: Path, out: Path, *, reuse: bool, fp32_onnx: Path | None, threads: int
+               ) -> tuple[Artifact, float]:
+    if reuse and (out / "meta.json").is_file():
+        art = Artifact.open(out)
+        if art.meta.get("source_identity") == identity_or_none(hf_dir):
+            return art, float(art.meta.get("export_seconds", 0.0))
+    options = dict(row.options, progress=False)
+    if row.backend == "gguf":
+        options["threads"] = threads
+    if row.backend == "onnx" and fp32_onnx is not None:
+        options["fp32_onnx"] = fp32_onnx
+    start = time.perf_counter()
+    art = get_backend(row.backend).export(hf_dir, out, row.quant, force=True, **options)
+    return art, time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="default", help="HF folder or 'default' (SmolLM2-135M)")
+    ap.add_argument("--backends", default="gguf,onnx", help="comma-separated: gguf, onnx")
+    ap.add_argument("--tokens", type=int, default=2048, help="held-out tokens validated (spread over the split)")
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--reuse", action="store_true", help="keep artifacts already exported from this model")
+    ap.add_argument("--out", default=None, help="artifact folder (default: the cache's bench/quant_accuracy)")
+    args = ap.parse_args(argv)
+
+    hf_dir = resolve_model(args.model)
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    unknown = sorted(set(backends) - {r.backend for r in ROWS})
+    if unknown:
+        print(f"error: unknown backend(s) {', '.join(unknown)} (this bench has rows for gguf, onnx)",
+              file=sys.stderr)
+        return 2
+    root = Path(args.out) if args.out else cache_subdir("bench", "quant_accuracy", hf_dir.name)
+    fp32_onnx = None
+    if "onnx" in backends:
+        # One fp32 graph, quantized by every ONNX row (the export is the slow part).
+        fp32, _ = export_row(Row("onnx", "fp32", "none", "fp32"), hf_dir, root / "onnx-fp32", reuse=args.reuse,
+                             fp32_onnx=None, threads=args.threads)
+        fp32_onnx = fp32.path
+    results: list[dict] = []
+    header = (f"{'backend':<8}{'scheme':<9}{'method':<9}{'MB':>8}{'ppl ratio':>11}{'mean KL':>10}{'top-1':>8}"
+              f"{'export s':>10}")
+    print(f"{hf_dir.name}: validation on {args.tokens:,} held-out tokens in rows of {args.seq_len}", flush=True)
+    print(header, flush=True)
+    for row in (r for r in ROWS if r.backend in backends):
+        art, seconds = export_row(row, hf_dir, root / row.name, reuse=args.reuse, fp32_onnx=fp32_onnx,
+                                  threads=args.threads)
+        report = validate_artifact(art.path, hf_dir, max_tokens=args.tokens, seq_len=args.seq_len,
+                                   raise_on_fail=False, threads=args.threads, progress=False)
+        m = report.metrics
+        entry = {"backend": row.backend, "scheme": row.scheme, "method": row.method, "quant": row.quant,
+                 "label": report.quant_label, "mb": round(art.meta["model_bytes"] / 1e6, 3),
+                 "ppl_ratio": round(m["ppl_ratio"], 4), "mean_kl": round(m["mean_kl"], 5),
+                 "top1": round(m["top1_agreement"], 4), "ref_ppl": round(m["ref_ppl"], 4),
+                 "gate": report.gate, "gate_passed": report.passed, "export_seconds": round(seconds, 1),
+                 "calibration": art.meta.get("calibration")}
+        results.append(entry)
+        print(f"{row.backend:<8}{row.scheme:<9}{row.method:<9}{entry['mb']:>8.1f}{entry['ppl_ratio']:>11.4f}"
+              f"{entry['mean_kl']:>10.4f}{entry['top1']:>8.3f}{entry['export_seconds']:>10.1f}", flush=True)
+    found = {(e["backend"], e["scheme"], e["method"]): e for e in results}
+    out: dict = {}
+    reasons: dict[str, str] = dict(NOT_BUILT)
+    for key, where in RESULT_ROWS.items():
+        if where in found:
+            out[key] = found[where]["ppl_ratio"]
+        else:
+            out[key] = None
+            reasons[key] = f"not run (--backends {args.backends})"
+    out.update(dict.fromkeys(NOT_BUILT))
+    print("RESULT " + json.dumps({**out, "reasons": reasons, "model": hf_dir.name, "tokens": args.tokens,
+                                  "seq_len": args.seq_len, "rows": results}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
