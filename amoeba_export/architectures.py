@@ -39,11 +39,17 @@ class Architecture:
     gguf_arch: str = "llama"
     gguf_arch_per_layer: str = "deci"
     gguf_rope_permute: bool = True
+    # Extracted subnets. ``head_dim_free``: transformers' config for this type honours an explicit ``head_dim``
+    # when the kept head count does not divide the hidden size (transformers 5: Mistral/Qwen2/Qwen3 do;
+    # LlamaConfig refuses it in its validation). ``bias_host``: the stock type that computes the same function
+    # and can hold o_proj/down_proj compensation biases ("" = none can; amoeba_llama then).
+    head_dim_free: bool = True
+    bias_host: str = "llama"
     note: str = ""
 
 
 ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
-    Architecture("llama", "LlamaForCausalLM", ALL_STAGES, "llama",
+    Architecture("llama", "LlamaForCausalLM", ALL_STAGES, "llama", head_dim_free=False,
                  note="Llama 1-3.x (rope default, linear or llama3 scaling), SmolLM2; tied or untied embeddings, "
                       "attention/MLP biases"),
     Architecture("mistral", "MistralForCausalLM", ALL_STAGES, "mistral",
@@ -57,10 +63,12 @@ ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
     # Qwen3 adds per-head RMSNorm on q and k. llama.cpp's llama/deci graphs have no q/k-norm weights and its
     # qwen3 graph reads one head count for every layer and no o_proj/down_proj bias, so only uniform subnets
     # without compensation biases (and the full model) become GGUF files.
+    # No stock class holds both Qwen3's q/k norms and an o_proj/down_proj bias: compensated subnets are
+    # amoeba_llama.
     Architecture("qwen3", "Qwen3ForCausalLM", ALL_STAGES, "qwen3", qk_norm=True, gguf_arch="qwen3",
-                 gguf_arch_per_layer="", gguf_rope_permute=False,
+                 gguf_arch_per_layer="", gguf_rope_permute=False, bias_host="",
                  note="GGUF only for uniform widths without o_proj/down_proj biases (llama.cpp's qwen3 graph)"),
-    Architecture("amoeba_llama", "AmoebaLlamaForCausalLM", EXPORT_STAGES, "subnet",
+    Architecture("amoeba_llama", "AmoebaLlamaForCausalLM", EXPORT_STAGES, "subnet", bias_host="",
                  note="an extracted subnet with per-layer widths or compensation biases"),
 )}
 
@@ -95,6 +103,46 @@ def architecture(model_type: Any, stage: str | None = None, *, fix: str | None =
         fix = fix or "pass the stock model the subnet was extracted from"
     raise UnsupportedArchitectureError(f"architecture {model_type!r} {why}; supported are: {names}",
                                        fix=fix or "pass a Llama-family checkpoint (Llama, Mistral, Qwen2, Qwen3)")
+
+
+@dataclass(frozen=True)
+class SubnetClass:
+    """The class an extracted subnet is written as: ``model_type`` of its config.json, whether that is a stock
+    class (loads with plain transformers and llama.cpp's converter), and why not when it is ``amoeba_llama``.
+    ``bias_flags``: the stock Llama's ``attention_bias``/``mlp_bias`` flags carry the compensation biases, so
+    every projection those flags cover gets a (zero where unused) bias."""
+
+    model_type: str
+    reason: str = ""
+    bias_flags: bool = False
+
+    @property
+    def stock(self) -> bool:
+        return self.model_type != "amoeba_llama"
+
+
+def subnet_class(model_type: str, *, uniform: bool, hidden_size: int, q_heads: int,
+                 output_bias: bool) -> SubnetClass:
+    """Which class a subnet of a ``model_type`` model is written as (extraction and sizing both ask this).
+
+    ``uniform``: every layer has the same widths; ``q_heads``: the kept query heads per layer;
+    ``output_bias``: compensation put a bias on o_proj or down_proj."""
+    entry = ARCHITECTURES.get(model_type)
+    if entry is None or "extract" not in entry.stages:
+        return SubnetClass("amoeba_llama", f"{model_type!r} is not a stock type extraction writes")
+    if not uniform:
+        return SubnetClass("amoeba_llama", "its layers have different widths (no stock class holds per-layer "
+                                           "head counts or MLP sizes)")
+    host = entry if not output_bias else ARCHITECTURES.get(entry.bias_host)
+    if host is None:
+        return SubnetClass("amoeba_llama", f"it has o_proj/down_proj compensation biases and no stock class holds "
+                                           f"them together with {model_type}'s other weights (e.g. q/k norms); "
+                                           f"extract with --compensate none for a stock {entry.hf_class}")
+    if hidden_size % q_heads and not host.head_dim_free:
+        return SubnetClass("amoeba_llama", f"{q_heads} heads do not divide the hidden size {hidden_size}, and "
+                                           f"transformers' {host.hf_class} config refuses that even with an "
+                                           f"explicit head_dim")
+    return SubnetClass(host.model_type, bias_flags=output_bias)
 
 
 def rope_type(config: Mapping[str, Any]) -> str:

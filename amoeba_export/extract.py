@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .architectures import supported
+from .architectures import ARCHITECTURES, subnet_class
 from .artifacts import atomic_dir, read_meta, write_json, write_meta
 from .elastic import ElasticLM
 from .errors import OutputExistsError, ShapeError
@@ -25,7 +25,6 @@ from .shape import Shape
 # Files of the source folder that are the model itself (everything else — tokenizer, chat template,
 # generation config — is copied along).
 MODEL_FILES = {"config.json", "meta.json", "model.safetensors.index.json"}
-STOCK_TYPES = set(supported("extract"))  # the stock classes the elastic core takes (architectures.py)
 
 
 @torch.no_grad()
@@ -85,8 +84,9 @@ def subnet_state_dict(elastic: ElasticLM, shape: Shape, maps: DepthMaps | None =
     return {k: v.detach().float().contiguous() for k, v in sd.items()}, flags
 
 
-def subnet_config(source_config: Any, shape: Shape, flags: dict[str, bool]) -> dict[str, Any]:
-    """config.json contents: a stock config when the shape allows it, else ``amoeba_llama``."""
+def subnet_config(source_config: Any, shape: Shape, flags: dict[str, bool]) -> tuple[dict[str, Any], str]:
+    """config.json contents: a stock config when the shape allows it (``architectures.subnet_class``), else
+    ``amoeba_llama``; and why it is ``amoeba_llama`` ("" for a stock config)."""
     cfg = source_config.to_dict()
     for key in ("auto_map", "_name_or_path", "_model_name_or_path", "architectures", "transformers_version",
                 "quantization_config", "layer_num_attention_heads", "layer_num_key_value_heads",
@@ -99,16 +99,18 @@ def subnet_config(source_config: Any, shape: Shape, flags: dict[str, bool]) -> d
                dtype="float32")
     if cfg.get("layer_types"):
         cfg["layer_types"] = [cfg["layer_types"][i] for i in shape.layers]
-    model_type = cfg["model_type"]
-    stock_ok = (shape.uniform and model_type in STOCK_TYPES and cfg["hidden_size"] % q == 0)
-    needs_bias = flags["o_proj_bias"] or flags["down_proj_bias"]
-    if stock_ok and not needs_bias:
-        cfg["architectures"] = [type(source_config).__name__.replace("Config", "ForCausalLM")]
-        return cfg
-    if stock_ok and model_type == "llama":
-        # Stock Llama can carry the compensation biases: its bias flags add zero q/k/v (and gate/up) biases.
-        cfg.update(attention_bias=True, mlp_bias=flags["down_proj_bias"], architectures=["LlamaForCausalLM"])
-        return cfg
+    chosen = subnet_class(cfg["model_type"], uniform=shape.uniform, hidden_size=cfg["hidden_size"], q_heads=q,
+                          output_bias=flags["o_proj_bias"] or flags["down_proj_bias"])
+    if chosen.stock:
+        if chosen.model_type != cfg["model_type"]:
+            # A compensated Qwen2/Mistral subnet as a stock Llama: the same function (Qwen2 is a Llama with q/k/v
+            # biases), and Llama's bias flags hold the o_proj/down_proj biases the source class has no slot for.
+            for key in ("sliding_window", "use_sliding_window", "max_window_layers", "layer_types"):
+                cfg.pop(key, None)
+        if chosen.bias_flags:
+            cfg.update(attention_bias=True, mlp_bias=flags["down_proj_bias"])
+        cfg.update(model_type=chosen.model_type, architectures=[ARCHITECTURES[chosen.model_type].hf_class])
+        return cfg, ""
     for key in ("sliding_window", "use_sliding_window", "max_window_layers", "layer_types"):
         cfg.pop(key, None)
     cfg.update(model_type="amoeba_llama", architectures=["AmoebaLlamaForCausalLM"],
@@ -116,7 +118,7 @@ def subnet_config(source_config: Any, shape: Shape, flags: dict[str, bool]) -> d
                layer_intermediate_sizes=list(shape.mlp), attention_bias=False, mlp_bias=False, **flags,
                auto_map={"AutoConfig": "configuration_amoeba_llama.AmoebaLlamaConfig",
                          "AutoModelForCausalLM": "modeling_amoeba_llama.AmoebaLlamaForCausalLM"})
-    return cfg
+    return cfg, chosen.reason
 
 
 def _stock_biases(sd: dict[str, torch.Tensor], cfg: dict[str, Any], shape: Shape, hd: int) -> None:
@@ -143,7 +145,7 @@ def write_subnet(elastic: ElasticLM, shape: Shape, out: str | Path, *, source_di
     shape.validate(elastic.dims)
     maps = elastic.depth_maps(shape)  # one calibration pass of the subnet when depth reconstruction is on
     sd, flags = subnet_state_dict(elastic, shape, maps)
-    cfg = subnet_config(elastic.config, shape, flags)
+    cfg, not_stock = subnet_config(elastic.config, shape, flags)
     if cfg["model_type"] != "amoeba_llama":
         _stock_biases(sd, cfg, shape, elastic.dims.head_dim)
     source_dir = Path(source_dir)
@@ -160,6 +162,7 @@ def write_subnet(elastic: ElasticLM, shape: Shape, out: str | Path, *, source_di
         write_meta(tmp, {
             "kind": "hf_model", "version": 1, "subnet": True, "shape": shape.to_dict(),
             "params": params, "stock": cfg["model_type"] != "amoeba_llama", "model_type": cfg["model_type"],
+            **({"not_stock_because": not_stock} if not_stock else {}),
             "extract_seconds": round(time.perf_counter() - start, 3),
             "reconstruction": {"width": elastic.compensation_mode,
                                **(maps.describe() if maps is not None else {"depth_maps": []})},

@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
                          depth_maps=args.depth_maps, depth_map_tokens=args.depth_map_tokens, round_to=args.round_to,
                          force=args.force)
     meta = read_meta(out)
-    kind = "stock" if meta["stock"] else "per-layer (amoeba_llama)"
+    kind = f"stock {meta['model_type']}" if meta["stock"] else "amoeba_llama"
     rec = meta.get("reconstruction", {})
     maps = f", {len(rec['depth_maps'])} depth map(s) in {rec['fit_seconds']:.1f} s" if rec.get("depth_maps") else ""
     dims = source_plan(args.source).dims
@@ -65,6 +65,9 @@ def run(args: argparse.Namespace) -> int:
     budget = f", budget {args.params:,.0f} {args.params_kind}" if args.params is not None else ""
     print(f"wrote {out}: {meta['shape']['name']}, {counts}{budget}, {kind} checkpoint, "
           f"width compensation {rec.get('width', 'none')}{maps}, {time.perf_counter() - start:.2f} s")
+    if meta.get("not_stock_because"):
+        print(f"  amoeba_llama (loads with trust_remote_code; model code travels in the folder) because "
+              f"{meta['not_stock_because']}")
     return 0
 
 

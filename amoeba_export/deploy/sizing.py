@@ -12,10 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..architectures import supported
+from ..architectures import subnet_class
 from ..shape import ModelDims, Shape
-
-STOCK_TYPES = set(supported("extract"))  # as extraction decides (architectures.py)
 
 
 @dataclass(frozen=True)
@@ -50,9 +48,10 @@ def subnet_tensors(dims: ModelDims, shape: Shape, *, model_type: str = "llama", 
     full_q, full_m = dims.num_heads, dims.intermediate_size
     o_bias = compensate and any(q < full_q for q in shape.q_heads)
     down_bias = compensate and any(m < full_m for m in shape.mlp)
-    stock = shape.uniform and model_type in STOCK_TYPES and h % max(shape.q_heads) == 0
-    # A stock Llama carries compensation biases through attention_bias/mlp_bias: zero biases everywhere.
-    stock_bias = stock and (o_bias or down_bias) and model_type == "llama"
+    # The class extraction writes (architectures.subnet_class): a stock Llama holding compensation biases through
+    # attention_bias/mlp_bias gets zero biases everywhere those flags reach.
+    stock_bias = subnet_class(model_type, uniform=shape.uniform, hidden_size=h, q_heads=max(shape.q_heads),
+                              output_bias=o_bias or down_bias).bias_flags
     attn_all = stock_bias or qkv_bias
     out = [Tensor("model.embed_tokens.weight", (dims.vocab_size, h)), Tensor("model.norm.weight", (h,))]
     if not dims.tied_embeddings:
