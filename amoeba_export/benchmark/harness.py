@@ -21,6 +21,7 @@ from typing import Any
 from tqdm import tqdm
 
 from amoeba_export.backends.base import Artifact
+from amoeba_export.benchmark import load as machine_load
 from amoeba_export.errors import BackendError, RuntimeCrashError
 
 BENCH_VERSION = 1
@@ -78,13 +79,15 @@ def measure_bandwidth(threads: int, *, timeout: float = 120.0) -> dict[str, Any]
 
 def bench_artifact(artifact_dir: str | Path, *, threads: int | None = None, prompt_tokens: int = 128,
                    new_tokens: int = 128, repeats: int = 3, warmup: int = 1, bandwidth: dict[str, Any] | None = None,
-                   timeout: float = 900.0, progress: bool = True, runtime_path: str | Path | None = None
-                   ) -> dict[str, Any]:
+                   timeout: float = 900.0, progress: bool = True, runtime_path: str | Path | None = None,
+                   retries: int = 1) -> dict[str, Any]:
     """Measure ``artifact_dir`` ``repeats`` times, each in a fresh subprocess; returns a JSON-ready dict.
 
     ``bandwidth`` (from :func:`measure_bandwidth`) may be passed to share one measurement across artifacts.
     ``runtime_path``: a folder holding another build of the runtime's package (``pip install --target``),
     imported instead of the installed one — to compare builds side by side.
+    ``retries``: a repeat during which other processes kept the machine busy is run again (at most this many
+    times in all); the result says whether the figures can be trusted (``trust``, see benchmark/load.py).
     """
     if repeats < 1 or prompt_tokens < 1 or new_tokens < 2:
         raise BackendError("benchmark needs repeats ≥ 1, prompt_tokens ≥ 1 and new_tokens ≥ 2",
@@ -95,8 +98,18 @@ def bench_artifact(artifact_dir: str | Path, *, threads: int | None = None, prom
     job = {"mode": "generation", "artifact": str(artifact.path), "threads": threads,
            "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "warmup": warmup,
            "runtime_path": str(runtime_path) if runtime_path else None}
-    runs = [_run_worker(job, timeout)
-            for _ in tqdm(range(repeats), desc=f"bench {artifact.path.name}", unit="run", disable=not progress)]
+    runs, loads, retried = [], [], 0
+    for _ in tqdm(range(repeats), desc=f"bench {artifact.path.name}", unit="run", disable=not progress):
+        while True:
+            before = machine_load.sample()
+            run = _run_worker(job, timeout)
+            load = machine_load.between(before, machine_load.sample())
+            busy = load is not None and load["other_cpu"] > machine_load.MAX_OTHER_CPU
+            if not busy or retried >= retries:
+                break
+            retried += 1
+        runs.append(run)
+        loads.append(load)
     bandwidth = bandwidth or measure_bandwidth(threads)
     metrics = {name: summarize([r[name] for r in runs]) for name in METRICS}
     bytes_per_token = int(artifact.meta.get("bytes_per_token") or artifact.size_bytes)
@@ -123,6 +136,9 @@ def bench_artifact(artifact_dir: str | Path, *, threads: int | None = None, prom
         "pids": [r["pid"] for r in runs],
         "bandwidth_bound_tok_s": bound,
         "bound_fraction": metrics["decode_tok_s"]["median"] / bound,
+        "load": loads,
+        "retried": retried,
+        "trust": machine_load.judge(loads, metrics["decode_tok_s"]["spread"]),
     }
 
 
@@ -153,4 +169,7 @@ def format_table(result: dict[str, Any]) -> str:
     label = result.get("quant_label") or result["quant"]
     head = (f"bench {result['artifact']} ({result['backend']}/{label}), prompt {result['prompt_tokens']}, "
             f"{result['new_tokens']} new tokens, median of {result['repeats']} fresh processes")
+    trust = result.get("trust") or {}
+    if trust.get("why"):
+        rows.append(("UNRELIABLE", "; ".join(trust["why"]) + " (rerun on an idle machine)"))
     return "\n".join([head, *(f"  {k:<16}{v}" for k, v in rows)])

@@ -35,7 +35,10 @@ def test_bench_runs_each_repeat_in_a_fresh_process(artifact):
                                                             / result["bytes_per_token"])
     assert result["bound_fraction"] == pytest.approx(result["metrics"]["decode_tok_s"]["median"]
                                                      / result["bandwidth_bound_tok_s"])
+    assert len(result["load"]) == 2 and set(result["trust"]) == {"reliable", "why", "measured"}
+    assert result["trust"]["reliable"] is not bool(result["trust"]["why"])
     table = format_table(result)
+    assert ("UNRELIABLE" in table) is not result["trust"]["reliable"]
     for word in ("decode_tok_s", "ttft_s", "bound fraction", "peak_rss_gb"):
         assert word in table
 
