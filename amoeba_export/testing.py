@@ -94,6 +94,32 @@ def tiny_llama(out: str | Path | None = None, *, seed: int = 0, tokenizer: str =
     return _finish(model, out, tokenizer)
 
 
+# Input channels of every q/k/v/gate/up projection that tiny_outlier_llama makes 10× larger than the rest.
+OUTLIER_CHANNELS = (3, 50, 97, 130, 171, 200, 222, 250)
+OUTLIER_GAIN = 10.0
+
+
+def tiny_outlier_llama(out: str | Path, *, seed: int = 0) -> Path:
+    """A tiny Llama for calibrated-quantization tests: rows of 256 (k-quants apply whole), unit-gain projections
+    (quantization error is not amplified layer by layer as with tiny_llama's large random weights), and
+    :data:`OUTLIER_CHANNELS` of every q/k/v/gate/up input :data:`OUTLIER_GAIN`× larger than the rest (their
+    RMSNorm weights scaled), as trained LLMs have them: round-to-nearest gives those columns the same error as any
+    other and the large inputs multiply it; a quantizer that knows the inputs (imatrix, GPTQ) does not."""
+    from safetensors.torch import load_file, save_file
+
+    out = Path(out)
+    tiny_llama(out, seed=seed, hidden=256, intermediate=512, heads=4, kv_heads=2, layers=2)
+    weights = load_file(str(out / "model.safetensors"))
+    for name, w in weights.items():
+        if w.ndim == 2 and "embed" not in name:
+            weights[name] = w / (0.15 * w.shape[1] ** 0.5)  # tiny_llama draws weights with std 0.15
+    for i in range(2):
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            weights[f"model.layers.{i}.{norm}.weight"][list(OUTLIER_CHANNELS)] *= OUTLIER_GAIN
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
 def tiny_amoeba_llama(out: str | Path | None = None, *, q_heads=(2, 4, 4), kv_heads=(2, 2, 1), mlp=(128, 32, 96),
                       hidden: int = 64, head_dim: int = 16, vocab: int = 320, tie: bool = False,
                       qkv_bias: bool = False, o_proj_bias: bool = False, down_proj_bias: bool = False,

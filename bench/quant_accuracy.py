@@ -8,8 +8,9 @@ Every row is one export of the same HF folder (default: the shipped SmolLM2-135M
 
 GGUF rows: Q4_0 and Q4_K_M with ``imatrix=off`` (round-to-nearest: llama.cpp's own scale search, no data) and
 ``imatrix=on`` (llama.cpp's importance matrix from 16,384 calibration tokens), Q8_0 as the 8-bit reference.
-ONNX rows: the shipped ``int4`` (MatMulNBits default RTN, block 32) and the calibrated algorithms of
-onnxruntime's ``MatMulNBitsQuantizer`` the backend offers. ExecuTorch calibrated 8da4w and ``--qat`` are not
+ONNX rows: the shipped ``int4`` (MatMulNBits default RTN, block 32, embedding 4-bit), then blocks of 32 and 128
+with the embedding fp32 in each: RTN, HQQ (no data) and GPTQ (Hessians from 2,048 calibration tokens) through
+onnxruntime's ``MatMulNBitsQuantizer``. ExecuTorch calibrated 8da4w and ``--qat`` are not
 built yet: their RESULT keys are null with the reason. Ends with one ``RESULT {json}`` line.
 """
 
@@ -40,7 +41,7 @@ class Row:
 
     @property
     def name(self) -> str:
-        return f"{self.backend}-{self.quant}-{self.method}"
+        return f"{self.backend}-{self.scheme}-{self.method}"
 
 
 ROWS: tuple[Row, ...] = (
@@ -49,8 +50,14 @@ ROWS: tuple[Row, ...] = (
     Row("gguf", "Q4_K_M", "imatrix", "Q4_K_M", {"imatrix": "on"}),
     Row("gguf", "Q4_0", "rtn", "Q4_0", {"imatrix": "off"}),
     Row("gguf", "Q4_0", "imatrix", "Q4_0", {"imatrix": "on"}),
-    Row("onnx", "int4", "rtn", "int4"),
-    Row("onnx", "int4", "hqq", "int4-hqq"),
+    Row("onnx", "int4", "rtn", "int4"),  # the shipped type: embedding 4-bit too
+    # block 32 and 128, embedding fp32 in every row (HQQ/GPTQ cannot quantize the Gather), so rows compare rounding
+    Row("onnx", "int4-b32", "rtn", "int4", {"quantize_embedding": False}),
+    Row("onnx", "int4-b32", "hqq", "int4-hqq"),
+    Row("onnx", "int4-b32", "gptq", "int4-gptq"),
+    Row("onnx", "int4-b128", "rtn", "int4-b128", {"quantize_embedding": False}),
+    Row("onnx", "int4-b128", "hqq", "int4-hqq-b128"),
+    Row("onnx", "int4-b128", "gptq", "int4-gptq-b128"),
 )
 
 # RESULT key -> the row whose ppl ratio it reports (backend, scheme, method).
@@ -60,7 +67,9 @@ RESULT_ROWS: dict[str, tuple[str, str, str]] = {
     "gguf_q40_ppl_ratio": ("gguf", "Q4_0", "imatrix"),
     "gguf_q40_rtn_ppl_ratio": ("gguf", "Q4_0", "rtn"),
     "onnx_int4_ppl_ratio": ("onnx", "int4", "rtn"),
-    "onnx_int4_hqq_ppl_ratio": ("onnx", "int4", "hqq"),
+    "onnx_int4_hqq_ppl_ratio": ("onnx", "int4-b32", "hqq"),
+    "onnx_int4_gptq_ppl_ratio": ("onnx", "int4-b32", "gptq"),
+    "onnx_int4_gptq_b128_ppl_ratio": ("onnx", "int4-b128", "gptq"),
 }
 # Keys of the issue that no row of this bench can fill yet, and why.
 NOT_BUILT: dict[str, str] = {

@@ -81,7 +81,13 @@ class OnnxBackend(Backend):
             else:
                 from .quantize import quantize
 
-                qinfo = quantize(fp32, tmp / MODEL_FILE, recipe, graph_info["roles"], external_data=external)
+                calibration = self._calibration_rows(hf_dir, recipe)
+                qinfo = quantize(fp32, tmp / MODEL_FILE, recipe, graph_info["roles"], external_data=external,
+                                 calibration=None if calibration is None else calibration.rows.numpy())
+                if calibration is not None:
+                    graph_info["calibration"] = {"algorithm": recipe.algorithm, "text": calibration.label(),
+                                                 "tokens": calibration.tokens}
+                    notes.append(f"{recipe.algorithm.upper()} calibrated on {calibration.label()}")
                 graph_info["quantization"] = qinfo
                 notes.append(f"{qinfo['fp32_matmuls']} weight MatMul(s) left fp32: {', '.join(qinfo['excluded_nodes'])}"
                              if qinfo["fp32_matmuls"] else "every weight MatMul quantized")
@@ -146,6 +152,17 @@ class OnnxBackend(Backend):
         del model
         info["roles"] = tidy(dest, external_data=external)
         return info
+
+    @staticmethod
+    def _calibration_rows(hf_dir: Path, recipe):
+        """Calibration rows for a recipe that needs them (gptq), else None; missing data is an error."""
+        if not recipe.calibration_tokens:
+            return None
+        from amoeba_export.data import measurement_rows
+        from amoeba_export.modelio import load_tokenizer
+
+        return measurement_rows("calibration", load_tokenizer(hf_dir), recipe.calibration_seq_len,
+                                recipe.calibration_tokens)
 
     @staticmethod
     def _check_loads(path: Path) -> None:
