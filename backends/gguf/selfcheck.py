@@ -78,7 +78,8 @@ def run_check() -> dict:
     with tempfile.TemporaryDirectory(prefix="amoeba-llama-check-") as tmp:
         hf_dir = _tiny_model(Path(tmp) / "hf")
         for quant in QUANTS:
-            artifact = gguf.export(hf_dir, Path(tmp) / quant, quant, progress=False)
+            # No importance matrix: it changes no kernel, and the check must not read the corpora (install, first load)
+            artifact = gguf.export(hf_dir, Path(tmp) / quant, quant, progress=False, imatrix="off")
             with gguf.load(artifact, threads=2, n_ctx=64, selfcheck=False) as runner:
                 new = runner.generate(PROMPT, NEW_TOKENS)
                 logits = runner.logits(PROMPT + new[:-1])

@@ -178,3 +178,12 @@ def test_q4_0_with_imatrix_types_are_what_deploy_sizing_predicts(gguf, tmp_path)
             assert types[setting][f"blk.{i}.ffn_down.weight"] == gguf_tensor_type(down, "Q4_0", 8, False,
                                                                                    imatrix=imatrix)
     assert types["auto"]["blk.0.ffn_down.weight"] == "Q4_1"
+
+
+def test_missing_tools_are_one_clear_error(tmp_path, monkeypatch):
+    from amoeba_export.errors import ResourceError
+
+    monkeypatch.setenv("AMOEBA_CACHE", str(tmp_path))
+    assert not tools_built()
+    with pytest.raises(ResourceError, match="llama-imatrix is not built.*make setup"):
+        tool_path("llama-imatrix")
