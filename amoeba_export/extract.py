@@ -7,6 +7,7 @@ Weights are written directly from the sliced (and, after fine-tuning, LoRA-merge
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import time
 from pathlib import Path
@@ -236,27 +237,50 @@ def extract_subnet(source: str | Path, out: str | Path, *, depth: int | None = N
 
 
 def pick_for_params(elastic: ElasticLM, plan, params: int, mode: str | None = None, *,
-                    calibration_tokens: int = 512) -> Shape:
+                    calibration_tokens: int = 512, stride: int = 3) -> Shape:
     """Among the widest shape of each depth within ``params`` — in ``mode``, or in every width mode when None —
-    the one with the best calibration loss."""
+    the one with the best calibration loss. ``shape.meta["pick"]`` records what was ranked and its cost.
+
+    Coarse to fine over depth: every ``stride``-th depth of each mode is scored, then the depths between the
+    two best and their neighbours. At a fixed budget the loss changes smoothly with depth (SmolLM2-135M at
+    half its parameters, uniform, 512 tokens: 173-186 from 23 to 28 layers, 201-221 from 18 to 22), so this
+    finds the best within the scores' noise with about half the forward passes (``stride=1``: all of them)."""
     from .data import measurement_rows
     from .modelio import load_tokenizer
     from .plan.plan import WIDTH_MODES
     from .plan.select import rank_shapes
 
+    start = time.perf_counter()
     # Both modes by default: once kept columns are refit, uniform widths often beat the global FLAP allocation
-    # (width 0.5 on SmolLM2-135M: 104.9 vs 205.4), so the budget alone should not fix the mode.
-    candidates, problems = [], []
+    # (width 0.5 on SmolLM2-135M: 104.9 vs 205.4) but not always (0.75: 56.7 vs 46.7), so the budget alone
+    # should not fix the mode.
+    by_mode: list[list[Shape]] = []
+    problems = []
     for m in WIDTH_MODES if mode is None else (mode,):
         try:
-            candidates += plan.shapes_for_params(params, m)
+            by_mode.append(sorted(plan.shapes_for_params(params, m), key=lambda s: s.depth))
         except ShapeError as exc:
             problems.append(exc)
-    if not candidates:
+    if not by_mode:
         raise problems[0]
     rows = measurement_rows("calibration", load_tokenizer(plan.model_dir), 256, calibration_tokens).rows
-    # Candidates are ranked with their width compensation (a closed-form solve) but without depth maps: fitting
-    # maps for every candidate depth would cost a calibration pass each; the chosen shape gets its maps when
-    # extracted.
-    with elastic.without_depth_maps():
-        return rank_shapes(elastic, candidates, rows)[0][1]
+    scores: dict[tuple[int, int], float] = {}  # (mode index, position in its depth order) → perplexity
+
+    def score(keys: set[tuple[int, int]]) -> None:
+        todo = sorted(keys - set(scores))
+        # Ranked with width compensation (a closed-form solve) but without depth maps: fitting maps for every
+        # candidate would cost a calibration pass each; the chosen shape gets its maps when extracted.
+        with elastic.without_depth_maps():
+            ranked = rank_shapes(elastic, [by_mode[m][i] for m, i in todo], rows)
+        by_name = {shape.name: ppl for ppl, shape in ranked}
+        scores.update({(m, i): by_name[by_mode[m][i].name] for m, i in todo})
+
+    score({(m, i) for m, shapes in enumerate(by_mode) for i in range(len(shapes))
+           if i % stride == 0 or i == len(shapes) - 1})
+    for m, i in sorted(scores, key=scores.get)[:2]:
+        score({(m, j) for j in range(i - stride + 1, i + stride) if 0 <= j < len(by_mode[m])})
+    m, i = min(scores, key=scores.get)
+    best = by_mode[m][i]
+    pick = {"candidates": sum(map(len, by_mode)), "ranked": len(scores), "calibration_tokens": int(rows.numel()),
+            "calibration_ppl": round(scores[m, i], 4), "seconds": round(time.perf_counter() - start, 2)}
+    return dataclasses.replace(best, meta={**best.meta, "pick": pick})

@@ -83,3 +83,26 @@ def test_crash_leaves_no_complete_looking_folder(tmp_path):
             (tmp / "model.safetensors").write_bytes(b"partial")
             raise RuntimeError("killed")
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_pick_for_params_coarse_to_fine(tiny_plan_dir):
+    """stride 1 ranks every candidate and returns the best; a coarser stride ranks fewer and returns the best of
+    those it ranked, saying how many."""
+    from amoeba_export.data import measurement_rows
+    from amoeba_export.extract import pick_for_params
+    from amoeba_export.modelio import load_tokenizer
+    from amoeba_export.plan.select import rank_shapes
+
+    elastic, plan = load_elastic(tiny_plan_dir, depth_maps=False)
+    budget = plan.params_for(plan.full_shape()) * 6 // 10
+    candidates = plan.shapes_for_params(budget, "uniform") + plan.shapes_for_params(budget, "global")
+    rows = measurement_rows("calibration", load_tokenizer(plan.model_dir), 256, 512).rows
+    best_ppl, best = rank_shapes(elastic, candidates, rows)[0]
+    full = pick_for_params(elastic, plan, budget, stride=1)
+    assert full.name == best.name and full.meta["pick"]["ranked"] == full.meta["pick"]["candidates"] == len(candidates)
+    assert full.meta["pick"]["calibration_ppl"] == pytest.approx(best_ppl, rel=1e-4)
+    coarse = pick_for_params(elastic, plan, budget, stride=2)
+    pick = coarse.meta["pick"]
+    assert pick["candidates"] == len(candidates) and pick["ranked"] <= len(candidates)
+    assert pick["calibration_ppl"] >= best_ppl * (1 - 1e-4)
+    assert plan.params_for(coarse) <= budget

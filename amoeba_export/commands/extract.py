@@ -65,6 +65,10 @@ def run(args: argparse.Namespace) -> int:
     budget = f", budget {args.params:,.0f} {args.params_kind}" if args.params is not None else ""
     print(f"wrote {out}: {meta['shape']['name']}, {counts}{budget}, {kind} checkpoint, "
           f"width compensation {rec.get('width', 'none')}{maps}, {time.perf_counter() - start:.2f} s")
+    pick = meta["shape"].get("meta", {}).get("pick")
+    if pick:
+        print(f"  picked by calibration perplexity {pick['calibration_ppl']:.2f} ({pick['calibration_tokens']:,} "
+              f"tokens): ranked {pick['ranked']} of {pick['candidates']} candidate shapes in {pick['seconds']:.1f} s")
     if meta.get("not_stock_because"):
         print(f"  amoeba_llama (loads with trust_remote_code; model code travels in the folder) because "
               f"{meta['not_stock_because']}")

@@ -76,8 +76,8 @@ def test_extract_params_ranks_on_spread_calibration_rows(tiny_plan_dir, monkeypa
     elastic, plan = load_elastic(tiny_plan_dir)
     pick_for_params(elastic, plan, plan.params_for(plan.full_shape(), compensate=False) // 2)
     calib = split_tokens("calibration", load_tokenizer(plan.model_dir))
-    rows, = seen
-    assert rows.shape == (2, 256)
+    rows = seen[0]  # the same rows for the coarse and the fine pass
+    assert rows.shape == (2, 256) and all(r.equal(rows) for r in seen)
     # not lcet10.txt's first tokens: each row is a window of the split, the first well inside it
     starts = [next(int(i) for i in (calib == r[0]).nonzero().flatten() if calib[int(i): int(i) + 256].equal(r))
               for r in rows]
