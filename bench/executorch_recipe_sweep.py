@@ -67,12 +67,12 @@ def main() -> None:
     model = load_model(hf)
     dims = ModelDims.from_config(model.config)
     tensors = subnet_tensors(dims, Shape.full(dims), compensate=False)
-    ref = logits(StaticCacheLM(model, 256).eval())
+    ref = logits(StaticCacheLM(model, 256, full_logits=True).eval())
     ref_logp = torch.log_softmax(ref, -1)
     results = []
     print(f"{'recipe':<26} {'weights MB':>10} {'top1':>6} {'KL':>7} {'ppl ratio':>9}")
     for name, recipe in variants().items():
-        module = StaticCacheLM(load_model(hf), 256).eval()
+        module = StaticCacheLM(load_model(hf), 256, full_logits=True).eval()
         with torch.no_grad():
             apply_recipe(module, recipe)
         q_logp = torch.log_softmax(logits(module), -1)

@@ -3,15 +3,24 @@
 The program has ExecuTorch's LLM-runner interface: ``forward(tokens [1, T], input_pos [1]) -> logits``
 with T dynamic (prefill) and a KV cache held in mutable buffers, plus constant metadata methods
 (``get_bos_id``, ``get_eos_ids``, ``get_max_seq_len``, ``get_max_context_len``, ``get_vocab_size``,
-``get_n_layers``, ``use_kv_cache``, ``enable_dynamic_shape``) and ``tokenizer.json`` beside it, so the
-same file runs in ExecuTorch's llama runner. Mutable buffers are serialized as shape only; the cache's
-unwritten slots are masked out of attention, and ExecuTorch's runtimes zero their planned memory.
+``get_n_layers``, ``use_kv_cache``, ``use_sdpa_with_kv_cache``, ``enable_dynamic_shape``) and
+``tokenizer.json`` beside it, so the same file runs in ExecuTorch's llama runner. Mutable buffers are
+serialized as shape only; attention never reads a cache slot it has not written (the ``custom`` attention
+reads only filled positions, the ``masked`` baseline masks the rest).
+
+``forward`` returns the last token's logits ``[1, vocab]`` (what a runner samples from). Validation needs every
+token's logits: by default the runner steps through the prompt one token at a time (each step's logits are
+one row), which costs no extra lowering; ``full_logits_method=True`` adds a second method, ``full_logits``
+(same weights, its own cache, lowered in the same ``to_edge_transform_and_lower`` call), that prefills them
+in one call. Export records seconds and peak RSS for each stage
+(load, quantize, torch.export, lowering, serialization) in ``meta.json`` under ``export_stages``.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -23,12 +32,14 @@ from amoeba_export.artifacts import atomic_dir, write_meta
 from amoeba_export.errors import BackendError, CheckpointError
 
 from ..base import Artifact, Backend, Runner
-from ..meta import copy_tokenizer, export_meta, tool_versions
+from ..meta import copy_tokenizer, export_meta, peak_rss_gb, tool_versions
+from .module import ATTENTION, DEFAULT_ATTENTION, attention_kind, load_custom_ops
 from .recipes import RECIPES, apply_recipe, get_recipe
 
 MODEL_FILE = "model.pte"
 DEFAULT_MAX_CONTEXT = 512  # the validator's default row length; the cache costs layers*2*kv*ctx*head_dim floats
-EXPORT_OPTIONS = ("max_context", "group_fallback")
+EXPORT_OPTIONS = ("max_context", "group_fallback", "attention", "full_logits_method")
+FULL_LOGITS_METHOD = "full_logits"  # every token's logits, for validation; forward gives the last token's
 # The static KV cache is allocated whole: a million positions is already ~GBs for a small model.
 MAX_CONTEXT_LIMIT = 1 << 20
 
@@ -50,12 +61,44 @@ def _special_ids(hf_dir: Path, config: Any) -> tuple[int, list[int]]:
     return int(bos), eos_ids
 
 
-def _lower(ep, metadata: dict[str, Any]):
+def _reset_peak_rss() -> bool:
+    """Reset this process's VmHWM (Linux: ``echo 5 > /proc/self/clear_refs``), so the next reading is a stage's own
+    peak; False where the kernel refuses (then stage peaks are cumulative, which the meta says)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class StageClock:
+    """Seconds and peak RSS of each export stage, for ``meta.json`` (``export_stages``) and the profile."""
+
+    def __init__(self) -> None:
+        self.stages: dict[str, dict[str, float]] = {}
+        self.per_stage_peak = True
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        self.per_stage_peak &= _reset_peak_rss()
+        start = time.perf_counter()
+        yield
+        self.stages[name] = {"seconds": round(time.perf_counter() - start, 2), "peak_rss_gb": peak_rss_gb()}
+
+    def seconds(self, name: str) -> float:
+        return self.stages.get(name, {}).get("seconds", 0.0)
+
+
+def _lower(programs: dict[str, Any], metadata: dict[str, Any], clock: StageClock):
+    """All methods through one ``to_edge_transform_and_lower`` call, then to the ExecuTorch program."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
-    edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()], constant_methods=metadata)
-    return edge.to_executorch()
+    with clock.stage("to_edge_transform_and_lower"):
+        edge = to_edge_transform_and_lower(programs, partitioner=[XnnpackPartitioner()], constant_methods=metadata)
+    with clock.stage("to_executorch"):
+        return edge.to_executorch()
 
 
 class ExecuTorchRunner(Runner):
@@ -73,8 +116,15 @@ class ExecuTorchRunner(Runner):
         if not path.is_file():
             raise CheckpointError(f"{path} is missing", fix="re-export the artifact")
         try:
+            load_custom_ops()  # before the program: its methods call llama::update_cache / custom_sdpa
             self.program = Runtime.get().load_program(path)
             self.method = self.program.load_method("forward")
+            # The method giving every token's logits: full_logits when exported, else forward for artifacts of
+            # the previous module (no "methods" in their meta: their forward returned every row), else none.
+            if FULL_LOGITS_METHOD in self.program.method_names:
+                self._full = self.program.load_method(FULL_LOGITS_METHOD)
+            else:
+                self._full = self.method if "methods" not in artifact.meta else None
             self.max_context = int(self.program.load_method("get_max_context_len").execute([])[0])
             self._vocab = int(self.program.load_method("get_vocab_size").execute([])[0])
         except (RuntimeError, ValueError, TypeError) as exc:
@@ -86,11 +136,14 @@ class ExecuTorchRunner(Runner):
     def vocab_size(self) -> int:
         return self._vocab
 
-    def _step(self, ids: Sequence[int], start: int) -> np.ndarray:
+    def _step(self, ids: Sequence[int], start: int, *, full: bool = False) -> np.ndarray:
+        """Logits ``[rows, vocab]`` of ``ids`` at positions from ``start``: the last row, or every row with ``full``
+        (from the ``full_logits`` method, whose cache is its own)."""
         import torch
 
         tokens = torch.tensor([list(ids)], dtype=torch.long)
-        out = self.method.execute([tokens, torch.tensor([start], dtype=torch.long)])[0]
+        method = self._full if full else self.method
+        out = method.execute([tokens, torch.tensor([start], dtype=torch.long)])[0]
         return out.reshape(-1, self._vocab).float().numpy()
 
     def _check_fits(self, n: int) -> None:
@@ -103,7 +156,11 @@ class ExecuTorchRunner(Runner):
         if not ids:
             raise BackendError("logits of an empty sequence", fix="pass at least one token id")
         self._check_fits(len(ids))
-        return self._step(ids, 0)  # positions >= len(ids) are masked, so the cache needs no reset
+        if self._full is not None:
+            return self._step(ids, 0, full=True)  # attention never reads past len(ids): no cache reset needed
+        # forward gives the last token's logits only: one step per token yields every row, through exactly
+        # the cached path that generation runs (slower than one prefill, but no second method to lower).
+        return np.concatenate([self._step([t], i) for i, t in enumerate(ids)])
 
     def generate(self, input_ids: Sequence[int], max_new_tokens: int, *, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int = 0, stop_ids: Sequence[int] = ()) -> list[int]:
@@ -138,7 +195,7 @@ class ExecuTorchRunner(Runner):
         return self._tokenizer.encode(text, add_special_tokens=False).ids
 
     def close(self) -> None:
-        self.method = self.program = None
+        self.method = self._full = self.program = None
 
 
 class ExecuTorchBackend(Backend):
@@ -151,9 +208,14 @@ class ExecuTorchBackend(Backend):
     default_quant = "8da4w-attn"  # passes its gate on small models; all-int4 "8da4w" does not
 
     def export(self, hf_dir: Path, out_dir: Path, quant: str = "8da4w-attn", *, force: bool = False,
-               max_context: int = DEFAULT_MAX_CONTEXT, group_fallback: bool = True, **options: Any) -> Artifact:
-        """Options: ``max_context`` (KV-cache length), ``group_fallback`` (False: an indivisible width is an error)."""
+               max_context: int = DEFAULT_MAX_CONTEXT, group_fallback: bool = True,
+               attention: str = DEFAULT_ATTENTION, full_logits_method: bool = False, **options: Any) -> Artifact:
+        """Options: ``max_context`` (KV-cache length), ``group_fallback`` (False: an indivisible width is an error),
+        ``attention`` (``custom``: ExecuTorch's cache/SDPA ops; ``masked``: the previous module, a baseline),
+        ``full_logits_method`` (True: add the ``full_logits`` method, so validation prefills instead of stepping
+        token by token — at the cost of lowering the graph twice)."""
         problems = self.option_problems(quant, {"max_context": max_context, "group_fallback": group_fallback,
+                                                "attention": attention, "full_logits_method": full_logits_method,
                                                 **options})
         if problems:
             raise BackendError("; ".join(problems), fix="pass e.g. max_context=512; options: "
@@ -164,26 +226,31 @@ class ExecuTorchBackend(Backend):
             raise CheckpointError(f"{hf_dir} has no tokenizer.json (ExecuTorch's runner reads only that format)",
                                   fix="save a fast tokenizer into the folder")
         started = time.perf_counter()
+        clock = StageClock()
         with atomic_dir(out_dir, force=force) as tmp:
             stages = tqdm(total=5, desc=f"executorch {recipe.name}", unit="stage")
-            module, metadata, notes = self._prepare(hf_dir, recipe, max_context, group_fallback, stages)
-            ep = self._export(module, max_context, stages)
+            module, metadata, notes = self._prepare(hf_dir, recipe, max_context, group_fallback, attention,
+                                                    stages, clock)
+            programs = self._export(module, max_context, full_logits_method, stages, clock)
             stages.set_postfix_str("lowering to XNNPACK (slow)")
-            lower_start = time.perf_counter()
-            program = _lower(ep, metadata)
-            lower_seconds = time.perf_counter() - lower_start
+            program = _lower(programs, metadata, clock)
             stages.update()
-            del ep, module
-            (tmp / MODEL_FILE).write_bytes(program.buffer)
-            del program
-            copy_tokenizer(hf_dir, tmp)
+            del programs, module
+            with clock.stage("serialize"):
+                (tmp / MODEL_FILE).write_bytes(program.buffer)
+                del program
+                copy_tokenizer(hf_dir, tmp)
             stages.update()
             stages.close()
+            lower_seconds = clock.seconds("to_edge_transform_and_lower") + clock.seconds("to_executorch")
             meta = export_meta(
                 backend=self.name, quant=recipe.name, hf_dir=hf_dir, folder=tmp, model_file=MODEL_FILE,
                 started=started, tools=tool_versions("torch", "transformers", "executorch", "torchao"),
-                notes=notes, recipe=asdict(recipe),
-                max_context=max_context, program_metadata=metadata, lowering_seconds=round(lower_seconds, 1))
+                notes=notes, recipe=asdict(recipe), attention=attention,
+                methods=["forward"] + ([FULL_LOGITS_METHOD] if full_logits_method else []),
+                max_context=max_context, program_metadata=metadata, lowering_seconds=round(lower_seconds, 1),
+                export_stages=clock.stages, export_stage_peaks="per stage" if clock.per_stage_peak
+                else "cumulative (this kernel does not reset VmHWM)")
             write_meta(tmp, meta)
         return Artifact.open(out_dir)
 
@@ -193,12 +260,16 @@ class ExecuTorchBackend(Backend):
         ctx = options.get("max_context", DEFAULT_MAX_CONTEXT)
         if not isinstance(ctx, int) or isinstance(ctx, bool) or not 2 <= ctx <= MAX_CONTEXT_LIMIT:
             out.append(f"max_context must be an integer in 2..{MAX_CONTEXT_LIMIT}, got {ctx!r}")
-        if not isinstance(options.get("group_fallback", True), bool):
-            out.append(f"group_fallback must be true or false, got {options['group_fallback']!r}")
+        for flag in ("group_fallback", "full_logits_method"):
+            if not isinstance(options.get(flag, False), bool):
+                out.append(f"{flag} must be true or false, got {options[flag]!r}")
+        if options.get("attention", DEFAULT_ATTENTION) not in ATTENTION:
+            out.append(f"attention must be one of {', '.join(ATTENTION)}, got {options['attention']!r}")
         return out
 
     @staticmethod
-    def _prepare(hf_dir: Path, recipe, max_context: int, group_fallback: bool, stages):
+    def _prepare(hf_dir: Path, recipe, max_context: int, group_fallback: bool, attention: str, stages,
+                 clock: StageClock):
         import torch
 
         from amoeba_export.modelio import load_model
@@ -206,12 +277,15 @@ class ExecuTorchBackend(Backend):
         from .module import StaticCacheLM
 
         stages.set_postfix_str("loading")
-        model = load_model(hf_dir)
-        bos, eos = _special_ids(hf_dir, model.config)
-        with torch.no_grad():
-            module = StaticCacheLM(model, max_context).eval()
-            stages.update()
-            stages.set_postfix_str(f"quantizing ({recipe.name})")
+        with clock.stage("load"), torch.no_grad():
+            model = load_model(hf_dir)
+            bos, eos = _special_ids(hf_dir, model.config)
+            module = StaticCacheLM(model, max_context, attention=attention).eval()
+        stages.update()
+        stages.set_postfix_str(f"quantizing ({recipe.name})")
+        # Quantized before torch.export (as ExecuTorch's export_llm does): the graph is traced once with the
+        # quantized weights, and both methods share them.
+        with clock.stage("quantize"), torch.no_grad():
             notes = apply_recipe(module, recipe, group_fallback=group_fallback)
         stages.update()
         tied = bool(getattr(model.config, "tie_word_embeddings", False))
@@ -222,26 +296,33 @@ class ExecuTorchBackend(Backend):
             "get_bos_id": bos, "get_eos_ids": eos, "get_max_seq_len": max_context,
             "get_max_context_len": max_context, "get_vocab_size": int(model.config.vocab_size),
             "get_n_layers": int(model.config.num_hidden_layers), "use_kv_cache": True,
-            "use_sdpa_with_kv_cache": False, "enable_dynamic_shape": True,
+            "use_sdpa_with_kv_cache": attention_kind(attention).custom_ops, "enable_dynamic_shape": True,
         }
         return module, metadata, notes
 
     @staticmethod
-    def _export(module, max_context: int, stages):
+    def _export(module, max_context: int, full_logits_method: bool, stages, clock: StageClock) -> dict[str, Any]:
         import torch
+
+        from .module import FullLogits
 
         stages.set_postfix_str("torch.export")
         example = (torch.zeros(1, min(4, max_context), dtype=torch.long), torch.tensor([0], dtype=torch.long))
         seq = torch.export.Dim("seq", min=1, max=max_context)
+        methods = {"forward": module}
+        if full_logits_method:
+            methods[FULL_LOGITS_METHOD] = FullLogits(module)
+        programs = {}
         # strict=True: non-strict tracing of the cache's index arithmetic yields a guard the solver rejects.
-        with torch.no_grad():
-            try:
-                ep = torch.export.export(module, example, dynamic_shapes=({1: seq}, None), strict=True)
-            except Exception as exc:  # torch.export raises many types; the model is the user's input
-                raise BackendError(f"torch.export failed: {type(exc).__name__}: {str(exc)[:500]}",
-                                   fix="report the model's config; Llama-family decoders are supported") from exc
+        with clock.stage("torch.export"), torch.no_grad():
+            for name, mod in methods.items():
+                try:
+                    programs[name] = torch.export.export(mod, example, dynamic_shapes=({1: seq}, None), strict=True)
+                except Exception as exc:  # torch.export raises many types; the model is the user's input
+                    raise BackendError(f"torch.export failed: {type(exc).__name__}: {str(exc)[:500]}",
+                                       fix="report the model's config; Llama-family decoders are supported") from exc
         stages.update()
-        return ep
+        return programs
 
     def open_runner(self, artifact: Artifact, *, threads: int | None = None) -> Runner:
         return ExecuTorchRunner(artifact, threads=threads)

@@ -1,7 +1,8 @@
 """ExecuTorch backend: static-KV-cache .pte via XNNPACK, per-layer widths, torchao recipes, clear errors.
 
 Lowering is slow (tens of seconds even for a 1-layer model), so each exported artifact is a module fixture
-shared by several tests.
+shared by several tests: the per-layer model with ExecuTorch's custom cache/SDPA ops and the ``full_logits``
+method, and a stock model with the ``masked`` baseline and no extra method (validation steps token by token).
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ def _hf_logits(model, ids):
 def amoeba(tmp_path_factory):
     root = tmp_path_factory.mktemp("et_amoeba")
     model = _amoeba_model(root / "hf")
-    art = get_backend("executorch").export(root / "hf", root / "fp32", "fp32", max_context=CTX)
+    art = get_backend("executorch").export(root / "hf", root / "fp32", "fp32", max_context=CTX,
+                                           full_logits_method=True)
     return model, art
 
 
@@ -64,14 +66,21 @@ def test_per_layer_widths_fp32_matches_pytorch(amoeba):
 
 
 def test_kv_cache_decode_equals_full_sequence(amoeba):
-    """Prefill part of the prompt, then one token per call: each step's logits equal the full-sequence ones."""
+    """Prefill part of the prompt (forward gives its last token's logits), then one token per call: each step's
+    logits equal the full-sequence ones, up to the cache's last position."""
     model, art = amoeba
-    ref = _hf_logits(model, IDS)
+    ids = (IDS * 2)[:CTX]  # fills the cache to its last slot
+    ref = _hf_logits(model, ids)
     with get_backend("executorch").load(art, isolated=False) as runner:  # in-process: _step is internal
-        steps = [runner._step(IDS[:7], 0)]
-        steps += [runner._step([t], i) for i, t in enumerate(IDS[7:], start=7)]
+        prefill = runner._step(ids[:7], 0)
+        assert prefill.shape == (1, 320)  # the last token only
+        steps = [prefill] + [runner._step([t], i) for i, t in enumerate(ids[7:], start=7)]
+        full = runner._step(ids, 0, full=True)
+        last = runner._step(ids, 0)
         greedy = runner.generate(IDS[:7], 8)
-    assert np.abs(np.concatenate(steps) - ref).max() < 1e-4
+    assert np.abs(np.concatenate(steps) - ref[6:]).max() < 1e-4
+    assert np.abs(full - ref).max() < 1e-4
+    assert np.abs(last[0] - full[-1]).max() < 1e-5
     # Greedy generation through the cache agrees with argmax of the full-sequence logits of its own output.
     full = _hf_logits(model, IDS[:7] + greedy[:-1])
     assert greedy == [int(x) for x in full[6:].argmax(-1)]
@@ -89,12 +98,18 @@ def test_program_metadata_and_tokenizer_for_the_llm_runner(amoeba):
     assert const("get_max_seq_len")[0] == CTX and const("get_max_context_len")[0] == CTX
     assert const("get_vocab_size")[0] == 320 and const("get_n_layers")[0] == 3
     assert const("get_bos_id")[0] == 0 and list(const("get_eos_ids")) == [0]
-    assert const("use_kv_cache")[0] is True
+    assert const("use_kv_cache")[0] is True and const("use_sdpa_with_kv_cache")[0] is True
+    assert set(program.method_names) >= {"forward", "full_logits", "get_max_seq_len"}
     assert (art.path / "tokenizer.json").is_file()
     with get_backend("executorch").load(art) as runner:
         assert runner.tokenize("the cat sat") == tiny_tokenizer(320)("the cat sat")["input_ids"]
     meta = art.meta
     assert meta["export_peak_rss_gb"] > 0 and meta["export_seconds"] > 0 and meta["lowering_seconds"] > 0
+    assert meta["attention"] == "custom" and meta["methods"] == ["forward", "full_logits"]
+    stages = meta["export_stages"]
+    assert set(stages) == {"load", "quantize", "torch.export", "to_edge_transform_and_lower", "to_executorch",
+                           "serialize"}
+    assert all(s["seconds"] >= 0 and s["peak_rss_gb"] > 0 for s in stages.values())
     assert meta["files"]["model.pte"]["bytes"] == meta["model_bytes"]
 
 
@@ -107,14 +122,35 @@ def test_prompt_longer_than_cache_is_a_clear_error(amoeba):
             runner.generate(IDS, CTX)
 
 
+@pytest.fixture(scope="module")
+def stock_masked(stock_dir, tmp_path_factory):
+    """The previous module (masked attention over the whole cache), kept as the benchmark's baseline."""
+    out = tmp_path_factory.mktemp("et_masked") / "fp32"
+    return get_backend("executorch").export(stock_dir, out, "fp32", max_context=CTX, attention="masked")
+
+
+def test_masked_baseline_steps_through_the_prompt_for_full_logits(stock_dir, stock_masked):
+    """No full_logits method: Runner.logits steps token by token, and still equals PyTorch's full forward."""
+    from amoeba_export.modelio import load_model
+
+    ref = _hf_logits(load_model(stock_dir), IDS)
+    with get_backend("executorch").load(stock_masked, isolated=False) as runner:
+        got = runner.logits(IDS)
+        last = runner._step(IDS, 0)
+    assert got.shape == ref.shape and np.abs(got - ref).max() < 1e-4
+    assert last.shape == (1, 320) and np.abs(last[0] - ref[-1]).max() < 1e-4
+    assert stock_masked.meta["attention"] == "masked" and stock_masked.meta["methods"] == ["forward"]
+    assert stock_masked.meta["program_metadata"]["use_sdpa_with_kv_cache"] is False
+
+
 def test_corrupt_pte_is_a_clear_error(amoeba, tmp_path):
     _, art = amoeba
     bad = tmp_path / "bad"
     shutil.copytree(art.path, bad)
     data = (bad / "model.pte").read_bytes()
     (bad / "model.pte").write_bytes(data[: len(data) // 3])
-    artifact, backend = load_artifact(bad)
     with pytest.raises(CheckpointError, match="model.pte is truncated or altered"):
+        artifact, backend = load_artifact(bad)  # sizes are checked on open
         backend.load(artifact)
 
 
@@ -126,6 +162,8 @@ def test_unknown_and_disabled_recipes_and_options(stock_dir, tmp_path):
         backend.export(stock_dir, tmp_path / "b", "int8wo")
     with pytest.raises(BackendError, match="unknown ExecuTorch export option"):
         backend.export(stock_dir, tmp_path / "c", "fp32", bogus=1)
+    with pytest.raises(BackendError, match="attention must be one of custom, masked"):
+        backend.export(stock_dir, tmp_path / "d", "fp32", attention="flash")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
@@ -137,14 +175,14 @@ def test_indivisible_group_size_is_an_error_without_fallback(stock_dir, tmp_path
 
 def _eager_reference(hf_dir, recipe_name, ids):
     """The same StaticCacheLM with the same torchao recipe, run in PyTorch."""
-    from amoeba_export.backends.executorch.module import StaticCacheLM
+    from amoeba_export.backends.executorch.module import FullLogits, StaticCacheLM
     from amoeba_export.backends.executorch.recipes import apply_recipe, get_recipe
     from amoeba_export.modelio import load_model
 
     with torch.no_grad():
         module = StaticCacheLM(load_model(hf_dir), CTX).eval()
         apply_recipe(module, get_recipe(recipe_name))
-        return module(torch.tensor([ids]), torch.tensor([0]))[0].numpy()
+        return FullLogits(module)(torch.tensor([ids]), torch.tensor([0]))[0].numpy()
 
 
 # recipe -> max |Δlogit| allowed vs torchao eager, as a fraction of the eager logits' largest magnitude.
