@@ -85,8 +85,9 @@ def compute_imatrix(hf_dir: str | Path, rows: torch.Tensor, *, dataset: str) -> 
 
     hf_dir = Path(hf_dir)
     written = set(plan_gguf(hf_dir).tensors)
-    n_layers = int(read_hf_config(hf_dir)["num_hidden_layers"])
-    dtype = str(read_hf_config(hf_dir).get("dtype") or read_hf_config(hf_dir).get("torch_dtype") or "")
+    cfg = read_hf_config(hf_dir)
+    n_layers = int(cfg["num_hidden_layers"])
+    dtype = str(cfg.get("dtype") or cfg.get("torch_dtype") or "")
     # A 16-bit checkpoint runs in its own dtype (a 7B model in fp32 would need 28 GB); sums are float64 anyway.
     model = load_model(hf_dir, dtype=torch.bfloat16 if "bfloat16" in dtype else None)
     sums: dict[str, torch.Tensor] = {}
