@@ -93,3 +93,11 @@ def test_params_contradictions_and_nonsense(capsys, tiny_plan_dir, tmp_path, ext
     code, err = run(capsys, "extract", str(tiny_plan_dir), "--out", str(tmp_path / "o"), *extra)
     assert code == 2 and len(err) == 1 and needle in err[0], err
     assert not (tmp_path / "o").exists()
+
+
+def test_export_options_parse_integers_and_booleans():
+    """--option group_fallback=false must reach the backend as False (it checks for a bool), not 'false'."""
+    from amoeba_export.commands.export import parse_options
+
+    assert parse_options(["group_fallback=false", "dynamic_shape=True", "max_context=256", "attention=masked"]) == {
+        "group_fallback": False, "dynamic_shape": True, "max_context": 256, "attention": "masked"}

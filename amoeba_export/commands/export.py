@@ -24,6 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_bench_arguments(parser, threads=False)
 
 
+BOOLEANS = {"true": True, "false": False}
+
+
 def parse_options(pairs: list[str]) -> dict[str, object]:
     options, problems = {}, []
     for pair in pairs:
@@ -31,7 +34,8 @@ def parse_options(pairs: list[str]) -> dict[str, object]:
         if not sep or not key:
             problems.append(f"{pair!r} is not KEY=VALUE")
             continue
-        options[key] = int(value) if value.isdigit() else value
+        # true/false become booleans: backends check flags such as group_fallback for a bool, not a string.
+        options[key] = int(value) if value.isdigit() else BOOLEANS.get(value.lower(), value)
     if problems:
         raise ConfigError("--option", problems, fix="write each option as KEY=VALUE")
     return options

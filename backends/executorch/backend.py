@@ -14,6 +14,12 @@ one row), which costs no extra lowering; ``full_logits_method=True`` adds a seco
 (same weights, its own cache, lowered in the same ``to_edge_transform_and_lower`` call), that prefills them
 in one call. Export records seconds and peak RSS for each stage
 (load, quantize, torch.export, lowering, serialization) in ``meta.json`` under ``export_stages``.
+
+``dynamic_shape=False`` exports ``forward`` for one token per call (``enable_dynamic_shape`` false, which
+ExecuTorch's runner answers by prefilling token by token, as this backend's runner does): symbolic sequence
+lengths roughly double the lowering time (measured on a 2-layer SmolLM2-sized model: 85 s dynamic, 38 s
+static), so a program that is only ever decoded — the deploy search's speed calibration — lowers in half the
+time. Prefill then runs at decode speed.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ from .recipes import RECIPES, apply_recipe, get_recipe
 
 MODEL_FILE = "model.pte"
 DEFAULT_MAX_CONTEXT = 512  # the validator's default row length; the cache costs layers*2*kv*ctx*head_dim floats
-EXPORT_OPTIONS = ("max_context", "group_fallback", "attention", "full_logits_method")
+EXPORT_OPTIONS = ("max_context", "group_fallback", "attention", "full_logits_method", "dynamic_shape")
 FULL_LOGITS_METHOD = "full_logits"  # every token's logits, for validation; forward gives the last token's
 # The static KV cache is allocated whole: a million positions is already ~GBs for a small model.
 MAX_CONTEXT_LIMIT = 1 << 20
@@ -127,6 +133,9 @@ class ExecuTorchRunner(Runner):
                 self._full = self.method if "methods" not in artifact.meta else None
             self.max_context = int(self.program.load_method("get_max_context_len").execute([])[0])
             self._vocab = int(self.program.load_method("get_vocab_size").execute([])[0])
+            # False: forward takes one token per call, so a prompt is fed token by token.
+            self._dynamic = (bool(self.program.load_method("enable_dynamic_shape").execute([])[0])
+                             if "enable_dynamic_shape" in self.program.method_names else True)
         except (RuntimeError, ValueError, TypeError) as exc:
             raise BackendError(f"cannot load {path}: it is corrupt or not an LLM program written by this backend "
                                f"({type(exc).__name__}: {exc})", fix="re-export the artifact") from exc
@@ -141,6 +150,9 @@ class ExecuTorchRunner(Runner):
         (from the ``full_logits`` method, whose cache is its own)."""
         import torch
 
+        if not self._dynamic and len(ids) > 1:
+            rows = [self._step([t], start + i) for i, t in enumerate(ids)]
+            return np.concatenate(rows) if full else rows[-1]
         tokens = torch.tensor([list(ids)], dtype=torch.long)
         method = self._full if full else self.method
         out = method.execute([tokens, torch.tensor([start], dtype=torch.long)])[0]
@@ -209,14 +221,16 @@ class ExecuTorchBackend(Backend):
 
     def export(self, hf_dir: Path, out_dir: Path, quant: str = "8da4w-attn", *, force: bool = False,
                max_context: int = DEFAULT_MAX_CONTEXT, group_fallback: bool = True,
-               attention: str = DEFAULT_ATTENTION, full_logits_method: bool = False, **options: Any) -> Artifact:
+               attention: str = DEFAULT_ATTENTION, full_logits_method: bool = False, dynamic_shape: bool = True,
+               **options: Any) -> Artifact:
         """Options: ``max_context`` (KV-cache length), ``group_fallback`` (False: an indivisible width is an error),
         ``attention`` (``custom``: ExecuTorch's cache/SDPA ops; ``masked``: the previous module, a baseline),
         ``full_logits_method`` (True: add the ``full_logits`` method, so validation prefills instead of stepping
-        token by token — at the cost of lowering the graph twice)."""
+        token by token — at the cost of lowering the graph twice), ``dynamic_shape`` (False: one token per call,
+        half the lowering time, prefill at decode speed)."""
         problems = self.option_problems(quant, {"max_context": max_context, "group_fallback": group_fallback,
                                                 "attention": attention, "full_logits_method": full_logits_method,
-                                                **options})
+                                                "dynamic_shape": dynamic_shape, **options})
         if problems:
             raise BackendError("; ".join(problems), fix="pass e.g. max_context=512; options: "
                                + ", ".join(EXPORT_OPTIONS))
@@ -230,8 +244,8 @@ class ExecuTorchBackend(Backend):
         with atomic_dir(out_dir, force=force) as tmp:
             stages = tqdm(total=5, desc=f"executorch {recipe.name}", unit="stage")
             module, metadata, notes = self._prepare(hf_dir, recipe, max_context, group_fallback, attention,
-                                                    stages, clock)
-            programs = self._export(module, max_context, full_logits_method, stages, clock)
+                                                    dynamic_shape, stages, clock)
+            programs = self._export(module, max_context, full_logits_method, dynamic_shape, stages, clock)
             stages.set_postfix_str("lowering to XNNPACK (slow)")
             program = _lower(programs, metadata, clock)
             stages.update()
@@ -260,16 +274,18 @@ class ExecuTorchBackend(Backend):
         ctx = options.get("max_context", DEFAULT_MAX_CONTEXT)
         if not isinstance(ctx, int) or isinstance(ctx, bool) or not 2 <= ctx <= MAX_CONTEXT_LIMIT:
             out.append(f"max_context must be an integer in 2..{MAX_CONTEXT_LIMIT}, got {ctx!r}")
-        for flag in ("group_fallback", "full_logits_method"):
+        for flag in ("group_fallback", "full_logits_method", "dynamic_shape"):
             if not isinstance(options.get(flag, False), bool):
                 out.append(f"{flag} must be true or false, got {options[flag]!r}")
+        if options.get("full_logits_method") is True and options.get("dynamic_shape") is False:
+            out.append("full_logits_method needs dynamic_shape (a one-token method has one row of logits)")
         if options.get("attention", DEFAULT_ATTENTION) not in ATTENTION:
             out.append(f"attention must be one of {', '.join(ATTENTION)}, got {options['attention']!r}")
         return out
 
     @staticmethod
-    def _prepare(hf_dir: Path, recipe, max_context: int, group_fallback: bool, attention: str, stages,
-                 clock: StageClock):
+    def _prepare(hf_dir: Path, recipe, max_context: int, group_fallback: bool, attention: str, dynamic_shape: bool,
+                 stages, clock: StageClock):
         import torch
 
         from amoeba_export.modelio import load_model
@@ -296,19 +312,22 @@ class ExecuTorchBackend(Backend):
             "get_bos_id": bos, "get_eos_ids": eos, "get_max_seq_len": max_context,
             "get_max_context_len": max_context, "get_vocab_size": int(model.config.vocab_size),
             "get_n_layers": int(model.config.num_hidden_layers), "use_kv_cache": True,
-            "use_sdpa_with_kv_cache": attention_kind(attention).custom_ops, "enable_dynamic_shape": True,
+            "use_sdpa_with_kv_cache": attention_kind(attention).custom_ops, "enable_dynamic_shape": dynamic_shape,
         }
         return module, metadata, notes
 
     @staticmethod
-    def _export(module, max_context: int, full_logits_method: bool, stages, clock: StageClock) -> dict[str, Any]:
+    def _export(module, max_context: int, full_logits_method: bool, dynamic_shape: bool, stages,
+                clock: StageClock) -> dict[str, Any]:
         import torch
 
         from .module import FullLogits
 
         stages.set_postfix_str("torch.export")
-        example = (torch.zeros(1, min(4, max_context), dtype=torch.long), torch.tensor([0], dtype=torch.long))
+        length = min(4, max_context) if dynamic_shape else 1
+        example = (torch.zeros(1, length, dtype=torch.long), torch.tensor([0], dtype=torch.long))
         seq = torch.export.Dim("seq", min=1, max=max_context)
+        dynamic = ({1: seq}, None) if dynamic_shape else None
         methods = {"forward": module}
         if full_logits_method:
             methods[FULL_LOGITS_METHOD] = FullLogits(module)
@@ -317,7 +336,7 @@ class ExecuTorchBackend(Backend):
         with clock.stage("torch.export"), torch.no_grad():
             for name, mod in methods.items():
                 try:
-                    programs[name] = torch.export.export(mod, example, dynamic_shapes=({1: seq}, None), strict=True)
+                    programs[name] = torch.export.export(mod, example, dynamic_shapes=dynamic, strict=True)
                 except Exception as exc:  # torch.export raises many types; the model is the user's input
                     raise BackendError(f"torch.export failed: {type(exc).__name__}: {str(exc)[:500]}",
                                        fix="report the model's config; Llama-family decoders are supported") from exc

@@ -2,7 +2,8 @@
 
 Lowering is slow (tens of seconds even for a 1-layer model), so each exported artifact is a module fixture
 shared by several tests: the per-layer model with ExecuTorch's custom cache/SDPA ops and the ``full_logits``
-method, and a stock model with the ``masked`` baseline and no extra method (validation steps token by token).
+method, and a stock model with the ``masked`` baseline, one token per call (``dynamic_shape=False``) and no
+extra method (prefill and validation step token by token).
 """
 
 from __future__ import annotations
@@ -124,23 +125,30 @@ def test_prompt_longer_than_cache_is_a_clear_error(amoeba):
 
 @pytest.fixture(scope="module")
 def stock_masked(stock_dir, tmp_path_factory):
-    """The previous module (masked attention over the whole cache), kept as the benchmark's baseline."""
+    """The previous module (masked attention over the whole cache, the benchmark's baseline), one token per call."""
     out = tmp_path_factory.mktemp("et_masked") / "fp32"
-    return get_backend("executorch").export(stock_dir, out, "fp32", max_context=CTX, attention="masked")
+    return get_backend("executorch").export(stock_dir, out, "fp32", max_context=CTX, attention="masked",
+                                            dynamic_shape=False)
 
 
-def test_masked_baseline_steps_through_the_prompt_for_full_logits(stock_dir, stock_masked):
-    """No full_logits method: Runner.logits steps token by token, and still equals PyTorch's full forward."""
+def test_masked_static_program_steps_through_the_prompt(stock_dir, stock_masked):
+    """No full_logits method and a one-token forward: the runner feeds prompts token by token, and logits,
+    the last-token prefill and greedy generation still equal PyTorch's full forward."""
     from amoeba_export.modelio import load_model
 
-    ref = _hf_logits(load_model(stock_dir), IDS)
+    model = load_model(stock_dir)
+    ref = _hf_logits(model, IDS)
     with get_backend("executorch").load(stock_masked, isolated=False) as runner:
         got = runner.logits(IDS)
         last = runner._step(IDS, 0)
+        greedy = runner.generate(IDS[:7], 6)
     assert got.shape == ref.shape and np.abs(got - ref).max() < 1e-4
     assert last.shape == (1, 320) and np.abs(last[0] - ref[-1]).max() < 1e-4
-    assert stock_masked.meta["attention"] == "masked" and stock_masked.meta["methods"] == ["forward"]
-    assert stock_masked.meta["program_metadata"]["use_sdpa_with_kv_cache"] is False
+    assert greedy == [int(x) for x in _hf_logits(model, IDS[:7] + greedy[:-1])[6:].argmax(-1)]
+    meta = stock_masked.meta
+    assert meta["attention"] == "masked" and meta["methods"] == ["forward"]
+    assert meta["program_metadata"]["use_sdpa_with_kv_cache"] is False
+    assert meta["program_metadata"]["enable_dynamic_shape"] is False
 
 
 def test_corrupt_pte_is_a_clear_error(amoeba, tmp_path):
@@ -164,6 +172,8 @@ def test_unknown_and_disabled_recipes_and_options(stock_dir, tmp_path):
         backend.export(stock_dir, tmp_path / "c", "fp32", bogus=1)
     with pytest.raises(BackendError, match="attention must be one of custom, masked"):
         backend.export(stock_dir, tmp_path / "d", "fp32", attention="flash")
+    with pytest.raises(BackendError, match="full_logits_method needs dynamic_shape"):
+        backend.export(stock_dir, tmp_path / "e", "fp32", full_logits_method=True, dynamic_shape=False)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
