@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ..artifacts import atomic_dir, file_inventory, read_meta, write_json, write_meta
+from ..artifacts import atomic_dir, file_inventory, file_problems, read_meta, verify_files, write_json, write_meta
 from ..errors import CheckpointError, ConfigError, ShapeError
 from ..identity import content_identity
 from ..reconstruct import (
@@ -270,6 +270,9 @@ class Plan:
         from safetensors.torch import load_file
 
         path = Path(self.path or "") / GRAM_FILE
+        recorded = (read_meta(path.parent).get("files") or {}) if self.path else {}
+        if GRAM_FILE in recorded:  # the 160 MB file is hashed here, when a shape first needs it, not on every load
+            verify_files(path.parent, {GRAM_FILE: recorded[GRAM_FILE]})
         try:
             t = load_file(str(path))
             d = self.dims
@@ -322,7 +325,18 @@ class Plan:
         from safetensors.torch import load_file
 
         path = Path(path)
-        read_meta(path, kind="plan")
+        meta = read_meta(path, kind="plan")
+        # Files a plan records are checked before use: plan.json and width.safetensors by sha256 (small), the
+        # covariances by size here and by sha256 when first read. Plans written before records skip this.
+        files = meta.get("files")
+        if files is not None:
+            small = {k: v for k, v in files.items() if k != GRAM_FILE} if isinstance(files, dict) else files
+            problems = file_problems(path, small) + file_problems(
+                path, {k: v for k, v in files.items() if k == GRAM_FILE} if isinstance(files, dict) else {},
+                checksums=False)
+            if problems:
+                raise CheckpointError(f"plan {path} is not what its meta.json records: " + "; ".join(problems),
+                                      fix="re-run amoeba plan (with --force)")
         try:
             body = json.loads((path / "plan.json").read_text())
             tensors = load_file(str(path / "width.safetensors"))

@@ -17,9 +17,33 @@ from amoeba_export.plan import Plan
 
 @pytest.fixture
 def plan_copy(tiny_plan_dir, tmp_path):
+    """A copy whose meta.json records no file checksums (as plans written before records): the damage below
+    then reaches the structural checks, which are what catches a plan a faulty writer recorded as it was."""
     out = tmp_path / "plan"
     shutil.copytree(tiny_plan_dir, out)
+    meta = json.loads((out / "meta.json").read_text())
+    meta.pop("files", None)
+    (out / "meta.json").write_text(json.dumps(meta))
     return out
+
+
+@pytest.mark.parametrize("name", ["plan.json", "width.safetensors", "gram.safetensors"])
+def test_a_file_that_differs_from_its_record_is_refused(tiny_plan_dir, tmp_path, capsys, name):
+    """With its records intact, any change to a plan file is caught before use (the covariances by size on
+    load and by sha256 when first read), naming the file."""
+    plan = tmp_path / "plan"
+    shutil.copytree(tiny_plan_dir, plan)
+    data = bytearray((plan / name).read_bytes())
+    data[len(data) // 2] ^= 0x01  # one flipped bit, same size
+    (plan / name).write_bytes(bytes(data))
+    code = main(["extract", str(plan), "--depth", "6", "--width", "0.5", "--mode", "uniform",
+                 "--out", str(tmp_path / "s")])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+    assert code == 2 and len(err) == 1 and name in err[0] and "sha256" in err[0], err
+    assert not (tmp_path / "s").exists()
+    (plan / name).write_bytes(bytes(data[:-1]))  # truncated: caught by size on load, whichever file
+    with pytest.raises(CheckpointError, match=name):
+        Plan.load(plan)
 
 
 def _edit_body(folder, edit):
