@@ -95,6 +95,10 @@ class StageClock:
     def seconds(self, name: str) -> float:
         return self.stages.get(name, {}).get("seconds", 0.0)
 
+    def peak_gb(self) -> float:
+        """The whole export's peak: each stage reset VmHWM, so the process's own reading is the last stage's."""
+        return max([peak_rss_gb(), *(s["peak_rss_gb"] for s in self.stages.values())])
+
 
 def _lower(programs: dict[str, Any], metadata: dict[str, Any], clock: StageClock):
     """All methods through one ``to_edge_transform_and_lower`` call, then to the ExecuTorch program."""
@@ -263,7 +267,8 @@ class ExecuTorchBackend(Backend):
                 notes=notes, recipe=asdict(recipe), attention=attention,
                 methods=["forward"] + ([FULL_LOGITS_METHOD] if full_logits_method else []),
                 max_context=max_context, program_metadata=metadata, lowering_seconds=round(lower_seconds, 1),
-                export_stages=clock.stages, export_stage_peaks="per stage" if clock.per_stage_peak
+                export_stages=clock.stages, export_peak_rss_gb=clock.peak_gb(),
+                export_stage_peaks="per stage" if clock.per_stage_peak
                 else "cumulative (this kernel does not reset VmHWM)")
             write_meta(tmp, meta)
         return Artifact.open(out_dir)

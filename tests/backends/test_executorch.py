@@ -111,6 +111,7 @@ def test_program_metadata_and_tokenizer_for_the_llm_runner(amoeba):
     assert set(stages) == {"load", "quantize", "torch.export", "to_edge_transform_and_lower", "to_executorch",
                            "serialize"}
     assert all(s["seconds"] >= 0 and s["peak_rss_gb"] > 0 for s in stages.values())
+    assert meta["export_peak_rss_gb"] == max(s["peak_rss_gb"] for s in stages.values())
     assert meta["files"]["model.pte"]["bytes"] == meta["model_bytes"]
 
 
@@ -149,6 +150,30 @@ def test_masked_static_program_steps_through_the_prompt(stock_dir, stock_masked)
     assert meta["attention"] == "masked" and meta["methods"] == ["forward"]
     assert meta["program_metadata"]["use_sdpa_with_kv_cache"] is False
     assert meta["program_metadata"]["enable_dynamic_shape"] is False
+
+
+@pytest.mark.parametrize("which", ["amoeba", "stock_masked"])
+def test_runs_in_executorchs_own_llm_runner(request, which):
+    """ExecuTorch's TextLLMRunner (the wheel's C++ runner: reads the metadata methods, prefills in one call or
+    token by token as enable_dynamic_shape says) loads the program and generates through the custom ops.
+
+    Only counts are compared: a random model emits partial UTF-8 pieces, which the runner's Python binding
+    cannot hand to a callback. (On a model whose greedy text is ASCII, both runners print the same text.)
+    """
+    from amoeba_export.backends.executorch.module import load_custom_ops
+
+    runner_mod = pytest.importorskip("executorch.extension.llm.runner")
+    fixture = request.getfixturevalue(which)
+    art = fixture[1] if which == "amoeba" else fixture
+    load_custom_ops()
+    stats = []
+    et = runner_mod.TextLLMRunner(str(art.model_file), str(art.path / "tokenizer.json"))
+    et.generate("the cat sat on the", runner_mod.GenerationConfig(echo=False, max_new_tokens=6, temperature=0.0,
+                                                                   seq_len=CTX), stats_callback=stats.append)
+    with get_backend("executorch").load(art) as ours:
+        prompt = ours.tokenize("the cat sat on the")
+    # Its stats count the first new token (sampled from the prefill's logits) apart from the generated ones.
+    assert stats and stats[-1].num_prompt_tokens == len(prompt) and stats[-1].num_generated_tokens == 5
 
 
 def test_corrupt_pte_is_a_clear_error(amoeba, tmp_path):
