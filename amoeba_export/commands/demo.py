@@ -14,16 +14,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..demo import format_table, run_demo
+    import time
 
+    from ..demo import format_table, run_demo
+    from ..deploy.demo import DEMO_TARGETS, Timing, deploy_demo, format_timings
+
+    started = time.perf_counter()
     rows = run_demo(args.model, eval_tokens=args.eval_tokens)
+    # The table's part: the plan (computed or reused), the subnets and their perplexities and speeds.
+    timings = [Timing("plan + subnet table", time.perf_counter() - started, True)]
     print()
     print(format_table(rows))
     if args.deploy is not None:
-        from ..deploy.demo import DEMO_TARGETS, deploy_demo
-
         reports = deploy_demo(args.model, targets=tuple(args.deploy) or DEMO_TARGETS,
-                              finetune_steps=args.finetune_steps)
+                              finetune_steps=args.finetune_steps, timings=timings)
         for target, report in zip(tuple(args.deploy) or DEMO_TARGETS, reports):
             print(f"report ({target}): {report}")
+    print()
+    print(format_timings(timings))
     return 0
