@@ -34,6 +34,10 @@ class ModelDims:
     intermediate_size: int
     vocab_size: int
     tied_embeddings: bool
+    # Per-layer weights some families add (so budgets and sizes count them): Qwen2's q/k/v biases, Qwen3's
+    # per-head q/k RMSNorm weights. Defaults keep plans written before these fields loadable.
+    qkv_bias: bool = False
+    qk_norm: bool = False
 
     @property
     def group_size(self) -> int:
@@ -64,6 +68,8 @@ class ModelDims:
             intermediate_size=config.intermediate_size,
             vocab_size=config.vocab_size,
             tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+            qkv_bias=getattr(config, "model_type", "") == "qwen2" or bool(getattr(config, "qkv_bias", False)),
+            qk_norm=getattr(config, "model_type", "") == "qwen3" or bool(getattr(config, "qk_norm", False)),
         )
 
 
@@ -144,6 +150,8 @@ class Shape:
         for q, kv, m in zip(self.q_heads, self.kv_heads, self.mlp):
             total += 2 * h  # two RMSNorms
             total += h * hd * (2 * q + 2 * kv) + 3 * h * m
+            total += hd * (q + 2 * kv) if dims.qkv_bias else 0  # Qwen2's q/k/v biases
+            total += 2 * hd if dims.qk_norm else 0  # Qwen3's q/k norms, one head_dim vector each
             if bias:
                 total += 2 * h
         return total

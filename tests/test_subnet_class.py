@@ -97,3 +97,24 @@ def test_heads_that_do_not_divide_the_hidden_size(tmp_path):
                           depth_maps=False)
     meta = read_meta(comp)
     assert meta["model_type"] == "amoeba_llama" and "divide" in meta["not_stock_because"]
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_budgets_and_sizes_count_the_family_weights(tmp_path, arch):
+    """Qwen2's q/k/v biases and Qwen3's q/k norms are in Shape.num_params and in sizing's tensor list: both equal
+    what extraction writes."""
+    from safetensors import safe_open
+
+    from amoeba_export.plan import Plan
+
+    plan_dir = _plan(tmp_path, arch=arch, hidden=96, heads=6, kv_heads=2, intermediate=128)
+    plan = Plan.load(plan_dir)
+    assert (plan.dims.qkv_bias, plan.dims.qk_norm) == (arch == "qwen2", arch == "qwen3")
+    shape = plan.shape(3, 0.66, "uniform")
+    out = extract_subnet(plan_dir, tmp_path / "sub", depth=3, width=0.66, mode="uniform", compensate="none",
+                         depth_maps=False)
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        written = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    assert read_meta(out)["params"] == shape.num_params(plan.dims) == plan.params_for(shape, compensate="none")
+    listed = {t.name: t.shape for t in subnet_tensors(plan.dims, shape, model_type=arch, compensate=False)}
+    assert listed == written

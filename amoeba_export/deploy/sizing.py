@@ -52,7 +52,7 @@ def subnet_tensors(dims: ModelDims, shape: Shape, *, model_type: str = "llama", 
     # attention_bias/mlp_bias gets zero biases everywhere those flags reach.
     stock_bias = subnet_class(model_type, uniform=shape.uniform, hidden_size=h, q_heads=max(shape.q_heads),
                               output_bias=o_bias or down_bias).bias_flags
-    attn_all = stock_bias or qkv_bias
+    attn_all = stock_bias or qkv_bias or dims.qkv_bias
     out = [Tensor("model.embed_tokens.weight", (dims.vocab_size, h)), Tensor("model.norm.weight", (h,))]
     if not dims.tied_embeddings:
         out.append(Tensor("lm_head.weight", (dims.vocab_size, h)))
@@ -65,6 +65,8 @@ def subnet_tensors(dims: ModelDims, shape: Shape, *, model_type: str = "llama", 
                 Tensor(p + "self_attn.o_proj.weight", (h, q * hd), i),
                 Tensor(p + "mlp.gate_proj.weight", (m, h), i), Tensor(p + "mlp.up_proj.weight", (m, h), i),
                 Tensor(p + "mlp.down_proj.weight", (h, m), i)]
+        if dims.qk_norm:
+            out += [Tensor(p + f"self_attn.{n}_norm.weight", (hd,), i) for n in ("q", "k")]
         if attn_all:
             out += [Tensor(p + f"self_attn.{n}_proj.bias", (size,), i)
                     for n, size in (("q", q * hd), ("k", kv * hd), ("v", kv * hd))]

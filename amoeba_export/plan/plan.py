@@ -377,10 +377,15 @@ def plan_problems(body: dict[str, Any], tensors: dict[str, torch.Tensor]) -> lis
     cut short would otherwise extract a subnet whose config and weights disagree (and exit 0)."""
     out: list[str] = []
     dims = body.get("dims")
-    fields = [f for f in ModelDims.__dataclass_fields__ if f != "tied_embeddings"]
+    flags = ("tied_embeddings", "qkv_bias", "qk_norm")
+    fields = [f for f in ModelDims.__dataclass_fields__ if f not in flags]
     if not isinstance(dims, dict) or any(not isinstance(dims.get(f), int) or isinstance(dims.get(f), bool)
                                          or not 1 <= dims[f] <= MAX_DIM for f in fields):
         return [f"dims must hold integers in 1..{MAX_DIM}: {', '.join(fields)}, got {dims!r}"]
+    if unknown := set(dims) - set(ModelDims.__dataclass_fields__):
+        return [f"dims has unknown keys {sorted(unknown)}"]
+    if bad := [f for f in flags if f in dims and not isinstance(dims[f], bool)]:
+        return [f"dims.{', dims.'.join(bad)} must be true or false"]
     if dims["num_heads"] % dims["num_kv_heads"]:
         out.append("dims.num_heads is not a multiple of dims.num_kv_heads")
     config = body.get("config")
