@@ -118,3 +118,21 @@ def test_budgets_and_sizes_count_the_family_weights(tmp_path, arch):
     assert read_meta(out)["params"] == shape.num_params(plan.dims) == plan.params_for(shape, compensate="none")
     listed = {t.name: t.shape for t in subnet_tensors(plan.dims, shape, model_type=arch, compensate=False)}
     assert listed == written
+
+
+def test_a_plan_written_before_the_family_flags_still_applies(tmp_path):
+    """Older plans' dims have no qkv_bias/qk_norm: Plan.load reads them from the model's config, so the plan still
+    matches its Qwen2 model."""
+    import json
+
+    from amoeba_export.plan import Plan
+
+    plan_dir = _plan(tmp_path, arch="qwen2", hidden=96, heads=6, kv_heads=2, intermediate=128)
+    body = json.loads((plan_dir / "plan.json").read_text())
+    del body["dims"]["qkv_bias"], body["dims"]["qk_norm"]
+    (plan_dir / "plan.json").write_text(json.dumps(body))
+    meta = json.loads((plan_dir / "meta.json").read_text())
+    meta.pop("files")  # as a plan written before file records
+    (plan_dir / "meta.json").write_text(json.dumps(meta))
+    assert Plan.load(plan_dir).dims.qkv_bias
+    load_elastic(plan_dir)  # the dims match the model's

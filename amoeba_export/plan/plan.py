@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -351,6 +351,8 @@ class Plan:
                                   fix="re-run amoeba plan")
         try:
             dims = ModelDims(**body["dims"])
+            if "qkv_bias" not in body["dims"]:  # written before the family flags: the model's config says them
+                dims = replace(dims, **_family_flags(Path(body["model_dir"])))
             fields = LayerRanking.__dataclass_fields__
             rankings = tuple(LayerRanking(**{k: tensors[f"layer.{i}.{k}"] for k in fields})
                              for i in range(dims.num_layers))
@@ -428,6 +430,16 @@ def plan_problems(body: dict[str, Any], tensors: dict[str, torch.Tensor]) -> lis
             elif t.dim() != 1 or t.numel() != size:
                 out.append(f"layer {i}: {key} has {t.numel()} entries, expected {size}")
     return out
+
+
+def _family_flags(model_dir: Path) -> dict[str, bool]:
+    """ModelDims' family flags from a model folder's config.json (none when it cannot be read)."""
+    try:
+        cfg = json.loads((model_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    kind = cfg.get("model_type") if isinstance(cfg, dict) else None
+    return {"qkv_bias": kind == "qwen2", "qk_norm": kind == "qwen3"}
 
 
 def load_elastic(plan_dir: str | Path, *, compensate: str | bool | None = None, plan: Plan | None = None,
