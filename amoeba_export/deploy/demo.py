@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import CheckpointError
 from ..paths import cache_subdir
 from ..targets import load_profile
-from .pipeline import MANIFEST, STAGES, DeployOptions, deploy
+from .pipeline import STAGES, DeployOptions, deploy, load_manifest
 
 DEMO_TARGETS = ("laptop", "android-8gb")
 
@@ -35,12 +35,14 @@ def deploy_demo(model: str | None = None, *, targets: tuple[str, ...] = DEMO_TAR
     source = cache_subdir("demo") / "plan"  # the plan `amoeba demo` computes: shared, computed once
     ensure_plan(model_dir, source)
     if finetune_steps > 0:
-        started = time.time()
-        out_dir = work / f"elastic-{finetune_steps}"
-        reused = (out_dir / "meta.json").is_file()
-        source = _finetune(source, out_dir, finetune_steps, log)
+        source = _finetune(source, work / f"elastic-{finetune_steps}", finetune_steps, log)
         if timings is not None:
-            timings.append(Timing(f"fine-tune ({finetune_steps} steps)", time.time() - started, not reused))
+            from ..artifacts import read_meta
+
+            # train_seconds: what the run took, in this run or (meta.json written before it started) an earlier one
+            meta = read_meta(source)
+            timings.append(Timing(f"fine-tune ({finetune_steps} steps)", float(meta.get("train_seconds", 0.0)),
+                                  (Path(source) / "meta.json").stat().st_mtime >= started_all))
     reports = []
     for name in targets:
         profile = load_profile(name)
@@ -68,8 +70,8 @@ def stage_timings(deploy_dir: Path, target: str, *, since: float) -> list[Timing
     """A deploy's stage seconds from its manifest; a stage that started before ``since`` (a wall-clock time) was
     reused from an earlier run."""
     try:
-        stages = json.loads((deploy_dir / MANIFEST).read_text()).get("stages", {})
-    except (OSError, ValueError):
+        stages = load_manifest(deploy_dir).get("stages", {})
+    except (CheckpointError, OSError, ValueError):
         return []
     return [Timing(f"{target}: {stage}", float(entry["seconds"]), float(entry.get("started", 0)) >= since)
             for stage in STAGES if isinstance(entry := stages.get(stage), dict) and "seconds" in entry]
