@@ -34,6 +34,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         flag = "--" + name.removeprefix("smol_").replace("_", "-") if name.startswith("smol_") else \
             "--" + name.replace("_", "-")
         parser.add_argument(flag, dest=name, type=typ, default=None)
+    from ..finetune.config import QAT_SCHEMES  # torch-free
+
+    parser.add_argument("--qat", metavar="SCHEME",
+                        help="quantization-aware training: fake-quantize the decoder linears as this ExecuTorch "
+                             f"recipe exports them ({', '.join(QAT_SCHEMES)}; lm_head stays unquantized)")
     parser.add_argument("--no-balance", action="store_true", help="turn loss-magnitude balancing off (ablation)")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
@@ -50,6 +55,8 @@ def resolve_config(args: argparse.Namespace):
     changes = {k: getattr(args, k) for k in OVERRIDES if getattr(args, k, None) is not None}
     if args.data:
         changes["data_files"] = tuple(str(Path(p).absolute()) for p in args.data)
+    if args.qat is not None:
+        changes["qat"] = args.qat
     if args.no_balance:
         changes["balance"] = False
     if args.gradient_checkpointing:

@@ -29,6 +29,9 @@ class ElasticLinear(nn.Module):
         self.weight = nn.Parameter(weight.detach(), requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
         self.adapter: nn.Module | None = None
+        # Quantization-aware training (amoeba_export.finetune.qat.LinearFakeQuant): when set, every matmul runs
+        # as ``fake_quant(x, weight, bias)`` on the effective (LoRA-merged) weight. None: plain matmuls.
+        self.fake_quant: nn.Module | None = None
 
     @property
     def out_features(self) -> int:
@@ -44,10 +47,17 @@ class ElasticLinear(nn.Module):
         if x.shape[-1] != in_f:
             x = x[..., :in_f]
         bias = None if self.bias is None else self.bias[:out_f]
+        if self.fake_quant is not None:  # the export quantizes the merged weight, so QAT merges before rounding
+            return self.fake_quant(x, self.effective_weight(out_f, in_f), bias)
         y = F.linear(x, self.weight[:out_f, :in_f], bias)
         if self.adapter is not None:
             y = y + self.adapter(x, out_f, in_f)
         return y
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``F.linear`` with ``weight`` standing in for this layer's (a compensator's refit of its effective
+        weight), fake-quantized like :meth:`forward` during quantization-aware training."""
+        return F.linear(x, weight, bias) if self.fake_quant is None else self.fake_quant(x, weight, bias)
 
     def effective_weight(self, out_features: int | None = None, in_features: int | None = None) -> torch.Tensor:
         """The weight slice with the adapter's update merged in (what extraction writes)."""

@@ -84,7 +84,7 @@ class ElasticBlock(nn.Module):
         refit = self._refit(name, kept)
         if refit is not None and refit.projection is not None:
             weight, bias = self.output_projection(name, kept)
-            return F.linear(x, weight, bias)
+            return lin.linear(x, weight, bias)
         y = lin(x, None, kept)  # the adapter's own (unmerged) path, as training runs it
         if refit is not None:
             y = y + refit.bias(lin.effective_weight())

@@ -15,6 +15,10 @@ MIXED_PRECISION = ("no", "bf16", "fp16")
 SCHEDULERS = ("constant", "cosine", "linear")
 DATA_FORMATS = ("auto", "text", "alpaca")
 DEFAULT_WIDTH_RATIOS = (1.0, 0.875, 0.75, 0.625, 0.5)
+# Quantization-aware training: ExecuTorch recipe names (backends/executorch/recipes.py) whose decoder linears
+# the fine-tune fake-quantizes as that recipe exports them (amoeba_export/finetune/qat.py). A name here must be
+# a recipe whose decoder linears are 8da4w/8da8w (tests/finetune/test_qat.py checks it).
+QAT_SCHEMES = ("8da4w", "8da4w-attn", "8da8w")
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,8 @@ class TrainConfig:
     data_files: tuple[str, ...] = ()  # empty: the shipped train split
     max_train_tokens: int | None = None
     gradient_checkpointing: bool = False
+    # None, or one of QAT_SCHEMES: fake-quantize every decoder linear that recipe quantizes (finetune/qat.py).
+    qat: str | None = None
     smol: SMoLConfig = field(default_factory=SMoLConfig)
     version: int = CONFIG_VERSION
 
@@ -119,6 +125,9 @@ class TrainConfig:
             out.append(f"data_format must be one of {', '.join(DATA_FORMATS)}, got {self.data_format!r}")
         if self.max_train_tokens is not None and self.max_train_tokens < self.seq_len:
             out.append(f"max_train_tokens must be >= seq_len ({self.seq_len}), got {self.max_train_tokens}")
+        if self.qat is not None and self.qat not in QAT_SCHEMES:
+            out.append(f"qat {self.qat!r} is not a quantization-aware training scheme "
+                       f"(supported are: {', '.join(QAT_SCHEMES)})")
         out.extend(self.smol.problems())
         return out
 

@@ -107,7 +107,8 @@ class Run:
         return {"kind": ELASTIC_KIND, "version": ELASTIC_VERSION, "plan_dir": str(self.plan_dir),
                 "plan_identity": plan_identity, "model_dir": str(self.plan.model_dir),
                 "compensate": self.plan.config.compensate,
-                "smol": self.config.to_dict()["smol"], "train": self.config.to_dict(), "step": step,
+                "smol": self.config.to_dict()["smol"], "train": self.config.to_dict(), "qat": self.config.qat,
+                "step": step,
                 "final": final, "weights": WEIGHTS, "world_size": self.acc.num_processes, "files": files,
                 "identity": content_identity(ELASTIC_KIND, files, plan=plan_identity)}
 
@@ -181,6 +182,10 @@ def train(plan_dir: str | Path, config: TrainConfig, out: str | Path, *, resume:
     if config.mixed_precision == "bf16":  # frozen base in bf16 halves its memory; LoRA stays fp32
         elastic.to(torch.bfloat16)
     model = SMoLModel(elastic, config.smol, seed=config.seed, gradient_checkpointing=config.gradient_checkpointing)
+    if config.qat is not None:  # forwards fake-quantize as the export recipe will; the weights stay fp32
+        from .qat import attach_fake_quant
+
+        attach_fake_quant(elastic, config.qat)
     start_step = 0
     if ckpt is not None:
         model.load_trainable_state(load_smol_weights(ckpt))

@@ -1,0 +1,156 @@
+"""Quantization-aware elastic fine-tuning (``amoeba train --qat SCHEME``).
+
+Every decoder linear that the ExecuTorch recipe ``SCHEME`` quantizes fake-quantizes, in each shape's forward, what
+that recipe will quantize at export: its *effective* weight — the shape's slice with the LoRA delta merged in
+(for a narrowed ``o_proj``/``down_proj`` under least-squares compensation, the refit weight) — and its input
+activations:
+
+- weights: int4 symmetric in groups of ``recipe.group_size`` along the input dimension (8da4w), or int8
+  symmetric per output channel (8da8w, and 8da4w's 8-bit projections such as ``8da4w-attn``'s v/MLP). Which
+  grid a sliced width gets is decided by the recipe's own :func:`plan_linears` (a width the group does not
+  divide: the largest smaller multiple of 32 that divides it, else 8-bit per channel), per input width;
+- activations: int8 asymmetric per token (the "8da" part), as torchao's converted linear does before its matmul.
+
+The fake quantizers are torchao's own QAT ones (:class:`IntxFakeQuantizer`, configs inferred by torchao's QAT
+from the recipe's ``Int8DynamicActivationIntxWeightConfig``): rounding has a straight-through gradient, so the
+LoRA factors (and the gate) train through the quantized forward. The lm_head stays unquantized (the recipe keeps
+it 8-bit) and so do the embedding, norms and biases.
+
+Scales: the recipe's int4 weights use HQQ scale-only scales (``hqq_scale_only``); torchao's QAT has no HQQ
+fake-quantizer and its inferred config ignores the algorithm, so training uses plain absmax-symmetric scales
+(``max|w| / 7.5`` per group), as torchao's own QAT of this config does. HQQ only moves each group's scale to
+lower the reconstruction error of the same grid, so a QAT-trained weight is exported on the grid it trained on,
+with a slightly different (better-fitting) scale; the converted model equals the QAT forward exactly with
+torchao's ``affine`` algorithm and approximately with HQQ (tests/finetune/test_qat.py measures both).
+
+Extraction is unchanged: it merges the fp32 LoRA into the fp32 weights (nothing here is saved), and the export
+recipe then quantizes them. Training runs without depth maps, so a shape whose extraction folds a depth map into
+a ``down_proj`` has that weight quantized after the fold, which training did not see.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..elastic import ElasticLM
+from ..errors import ConfigError
+from .config import QAT_SCHEMES
+
+Grid = tuple[str, int | None]  # (recipe linear scheme "8da4w"/"8da8w", int4 group or None = per channel)
+
+
+def qat_recipe(scheme: str):
+    """The ExecuTorch recipe whose decoder linears ``scheme`` fake-quantizes."""
+    if scheme not in QAT_SCHEMES:
+        raise ConfigError("invalid training config", [f"qat {scheme!r} is not a quantization-aware training "
+                                                      f"scheme (supported are: {', '.join(QAT_SCHEMES)})"],
+                          fix="correct the listed fields")
+    from ..backends.executorch.recipes import get_recipe
+
+    return get_recipe(scheme)
+
+
+def _fake_quantizers(grid: Grid):
+    """torchao's (activation, weight) fake quantizers for the recipe's converted linear of ``grid``."""
+    from torchao.quantization.qat import IntxFakeQuantizer
+    from torchao.quantization.qat.fake_quantize_config import _infer_fake_quantize_configs
+
+    from ..backends.executorch.recipes import _config
+
+    # torchao's QAT mapping of the recipe's own Int8DynamicActivationIntxWeightConfig (what QATConfig(base_config)
+    # inserts): int8 asymmetric per token for the input, the weight's dtype/granularity symmetric.
+    act, weight = _infer_fake_quantize_configs(_config(*grid))
+    return IntxFakeQuantizer(act), IntxFakeQuantizer(weight)
+
+
+class LinearFakeQuant(nn.Module):
+    """The QAT hook of one :class:`ElasticLinear` (its ``fake_quant``): ``F.linear`` on the fake-quantized input
+    and weight, with the grid the recipe gives this projection at the weight's input width.
+
+    ``layout(in_features)``: the column order export writes this weight in (o_proj: transformers' group-major
+    heads, the elastic model keeps them slot-major); groups along the input are formed in that order."""
+
+    def __init__(self, recipe, name: str, layout: Callable[[int], torch.Tensor] | None = None) -> None:
+        super().__init__()
+        self.recipe, self.name, self.layout = recipe, name, layout
+        self._grids: dict[int, Grid | None] = {}
+        self._quantizers: dict[Grid, tuple[nn.Module, nn.Module]] = {}
+        self._orders: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def extra_repr(self) -> str:
+        return f"recipe={self.recipe.name}, name={self.name}"
+
+    def grid(self, in_features: int) -> Grid | None:
+        """The recipe's (scheme, group) for this projection at ``in_features`` (None: left unquantized)."""
+        if in_features not in self._grids:
+            from ..backends.executorch.recipes import plan_linears
+
+            # plan_linears decides per nn.Linear by name and width; a meta-device stand-in costs nothing.
+            holder = nn.Module()
+            holder.add_module(self.name, nn.Linear(in_features, 1, bias=False, device="meta"))
+            plan, _ = plan_linears(holder, self.recipe)
+            self._grids[in_features] = plan.get(self.name)
+        return self._grids[in_features]
+
+    def quantizers(self, grid: Grid) -> tuple[nn.Module, nn.Module]:
+        if grid not in self._quantizers:
+            self._quantizers[grid] = _fake_quantizers(grid)
+        return self._quantizers[grid]
+
+    def fake_quantize_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` ``[out, in]`` as the converted linear will hold it (dequantized)."""
+        grid = self.grid(weight.shape[1])
+        if grid is None:
+            return weight
+        fq = self.quantizers(grid)[1]
+        if self.layout is None:
+            return fq(weight)
+        n = weight.shape[1]
+        if n not in self._orders:
+            order = self.layout(n).to(weight.device)
+            self._orders[n] = (order, torch.argsort(order))
+        order, back = self._orders[n]
+        return fq(weight[:, order])[:, back]
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        grid = self.grid(weight.shape[1])
+        if grid is None:
+            return F.linear(x, weight, bias)
+        act = self.quantizers(grid)[0]
+        return F.linear(act(x), self.fake_quantize_weight(weight), bias)
+
+
+def o_proj_layout(elastic: ElasticLM) -> Callable[[int], torch.Tensor]:
+    """o_proj input columns in the order extraction writes them, for an input width of ``n`` channels.
+    With GQA every shape keeps all KV heads (the unit is a slot), with MHA the KV heads are the query heads."""
+    dims = elastic.dims
+
+    def layout(n: int) -> torch.Tensor:
+        q = n // dims.head_dim
+        kv = dims.num_kv_heads if dims.group_size > 1 else q
+        return elastic._head_channels(elastic.group_major_heads(q, kv))
+    return layout
+
+
+def attach_fake_quant(elastic: ElasticLM, scheme: str) -> list[LinearFakeQuant]:
+    """Make every decoder projection of ``elastic`` fake-quantize as recipe ``scheme`` exports it."""
+    recipe = qat_recipe(scheme)
+    hooks = []
+    for block in elastic.layers:
+        for name, lin in block.projections().items():
+            if lin.fake_quant is not None:
+                raise RuntimeError("this elastic model is already quantization-aware")
+            hook = LinearFakeQuant(recipe, name, o_proj_layout(elastic) if name == "o_proj" else None)
+            lin.fake_quant = hook
+            hooks.append(hook)
+    return hooks
+
+
+def detach_fake_quant(elastic: ElasticLM) -> None:
+    for block in elastic.layers:
+        for lin in block.projections().values():
+            lin.fake_quant = None
