@@ -153,6 +153,8 @@ def load_trained_elastic(ckpt_dir: str | Path, *, compensate: str | bool | None 
                               fix="restore the plan the run used, or re-train on the new one")
     comp = meta.get("compensate") if compensate is None else compensate
     elastic, plan = load_elastic(plan_dir, compensate=comp, depth_maps=depth_maps, depth_map_tokens=depth_map_tokens)
+    # A quantization-aware run (meta["qat"]) loads the same way, without fake quantization: extraction merges the
+    # fp32 LoRA into the fp32 weights and the export recipe quantizes them, as the QAT forward did (finetune/qat.py).
     wrapper = SMoLModel(elastic, smol_config_of(meta))
     wrapper.load_trainable_state(load_smol_weights(ckpt_dir))
     wrapper.eval()

@@ -19,6 +19,22 @@ DEFAULT_WIDTH_RATIOS = (1.0, 0.875, 0.75, 0.625, 0.5)
 # the fine-tune fake-quantizes as that recipe exports them (amoeba_export/finetune/qat.py). A name here must be
 # a recipe whose decoder linears are 8da4w/8da8w (tests/finetune/test_qat.py checks it).
 QAT_SCHEMES = ("8da4w", "8da4w-attn", "8da8w")
+# How QAT picks the int4 groups' scales: "absmax" (torchao's QAT: max|w| / 7.5, gradients through it) or "hqq"
+# (the recipe's own HQQ scale-only scales, fixed per forward: the QAT forward is then the exported linear's).
+QAT_SCALES = ("absmax", "hqq")
+
+
+def qat_problems(scheme: str | None, scales: str) -> list[str]:
+    """What is wrong with quantization-aware training settings (``scheme`` None: QAT off)."""
+    out = []
+    if scheme is not None and scheme not in QAT_SCHEMES:
+        out.append(f"qat {scheme!r} is not a quantization-aware training scheme "
+                   f"(supported are: {', '.join(QAT_SCHEMES)})")
+    if scales not in QAT_SCALES:
+        out.append(f"qat_scales {scales!r} is not a QAT scale choice (supported are: {', '.join(QAT_SCALES)})")
+    elif scheme is None and scales != QAT_SCALES[0]:
+        out.append(f"qat_scales {scales!r} needs a qat scheme (supported are: {', '.join(QAT_SCHEMES)})")
+    return out
 
 
 @dataclass(frozen=True)
@@ -89,8 +105,10 @@ class TrainConfig:
     data_files: tuple[str, ...] = ()  # empty: the shipped train split
     max_train_tokens: int | None = None
     gradient_checkpointing: bool = False
-    # None, or one of QAT_SCHEMES: fake-quantize every decoder linear that recipe quantizes (finetune/qat.py).
+    # None, or one of QAT_SCHEMES: fake-quantize every decoder linear that recipe quantizes (finetune/qat.py),
+    # with int4 scales chosen as qat_scales says (one of QAT_SCALES).
     qat: str | None = None
+    qat_scales: str = "absmax"
     smol: SMoLConfig = field(default_factory=SMoLConfig)
     version: int = CONFIG_VERSION
 
@@ -125,9 +143,7 @@ class TrainConfig:
             out.append(f"data_format must be one of {', '.join(DATA_FORMATS)}, got {self.data_format!r}")
         if self.max_train_tokens is not None and self.max_train_tokens < self.seq_len:
             out.append(f"max_train_tokens must be >= seq_len ({self.seq_len}), got {self.max_train_tokens}")
-        if self.qat is not None and self.qat not in QAT_SCHEMES:
-            out.append(f"qat {self.qat!r} is not a quantization-aware training scheme "
-                       f"(supported are: {', '.join(QAT_SCHEMES)})")
+        out.extend(qat_problems(self.qat, self.qat_scales))
         out.extend(self.smol.problems())
         return out
 

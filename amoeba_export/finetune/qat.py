@@ -16,12 +16,17 @@ from the recipe's ``Int8DynamicActivationIntxWeightConfig``): rounding has a str
 LoRA factors (and the gate) train through the quantized forward. The lm_head stays unquantized (the recipe keeps
 it 8-bit) and so do the embedding, norms and biases.
 
-Scales: the recipe's int4 weights use HQQ scale-only scales (``hqq_scale_only``); torchao's QAT has no HQQ
-fake-quantizer and its inferred config ignores the algorithm, so training uses plain absmax-symmetric scales
-(``max|w| / 7.5`` per group), as torchao's own QAT of this config does. HQQ only moves each group's scale to
-lower the reconstruction error of the same grid, so a QAT-trained weight is exported on the grid it trained on,
-with a slightly different (better-fitting) scale; the converted model equals the QAT forward exactly with
-torchao's ``affine`` algorithm and approximately with HQQ (tests/finetune/test_qat.py measures both).
+Scales (``qat_scales``): the recipe's int4 weights use HQQ scale-only scales (``hqq_scale_only``). torchao's QAT
+has no HQQ fake quantizer and its config inferred from the recipe's ignores the algorithm, so the default,
+``absmax``, trains with plain absmax-symmetric scales (``max|w| / 7.5`` per group, gradients through the max)
+as torchao's own QAT of this config does; the converted model equals that forward with torchao's ``affine``
+algorithm, and HQQ then exports other codes (on SmolLM2-135M's decoder weights, int4 groups of 32: 88 % of the
+codes agree; RMS error to the weights 0.0191 absmax, 0.0168 HQQ, 0.0182 between the two). ``hqq`` computes the
+recipe's own HQQ scales of the effective weight in every forward (no gradient through them; torchao's
+straight-through fake quantization with them), so the QAT forward is the exported model's (tests/finetune/
+test_qat.py checks both against torchao's converted linears). It costs an HQQ solve per int4 linear per shape
+forward: on one CPU thread ≈ 15-35 ms for SmolLM2's 576×576…1536×576 weights, ≈ 13× a 256-token matmul.
+8-bit grids use absmax per-channel scales either way, as the recipe does.
 
 Extraction is unchanged: it merges the fp32 LoRA into the fp32 weights (nothing here is saved), and the export
 recipe then quantizes them. Training runs without depth maps, so a shape whose extraction folds a depth map into
@@ -38,20 +43,35 @@ from torch import nn
 
 from ..elastic import ElasticLM
 from ..errors import ConfigError
-from .config import QAT_SCHEMES
+from .config import qat_problems
 
 Grid = tuple[str, int | None]  # (recipe linear scheme "8da4w"/"8da8w", int4 group or None = per channel)
 
 
-def qat_recipe(scheme: str):
-    """The ExecuTorch recipe whose decoder linears ``scheme`` fake-quantizes."""
-    if scheme not in QAT_SCHEMES:
-        raise ConfigError("invalid training config", [f"qat {scheme!r} is not a quantization-aware training "
-                                                      f"scheme (supported are: {', '.join(QAT_SCHEMES)})"],
-                          fix="correct the listed fields")
+def qat_recipe(scheme: str, scales: str = "absmax"):
+    """The ExecuTorch recipe whose decoder linears ``scheme`` fake-quantizes (bad settings: a ConfigError)."""
+    problems = qat_problems(scheme, scales)
+    if problems:
+        raise ConfigError("invalid quantization-aware training settings", problems, fix="correct the listed fields")
     from ..backends.executorch.recipes import get_recipe
 
     return get_recipe(scheme)
+
+
+def _hqq_fake_quantize(weight: torch.Tensor, group: int) -> torch.Tensor:
+    """int4 symmetric groups of ``group`` with the recipe's HQQ scale-only scales (solved without gradient), through
+    torchao's straight-through fake quantization: the dequantized weight the converted linear will hold."""
+    from torchao.quantization.qat.utils import _fake_quantize_per_channel_group
+    from torchao.quantization.quant_primitives import (
+        _DTYPE_TO_QVALUE_BOUNDS,
+        _choose_qparams_and_quantize_scale_only_hqq,
+    )
+
+    qmin, qmax = _DTYPE_TO_QVALUE_BOUNDS[torch.int4]
+    with torch.no_grad():
+        _, scale = _choose_qparams_and_quantize_scale_only_hqq(weight.detach(), [1, group], qmin, qmax)
+    zero = torch.zeros_like(scale, dtype=torch.int32)
+    return _fake_quantize_per_channel_group(weight, scale, zero, qmin, qmax, group)
 
 
 def _fake_quantizers(grid: Grid):
@@ -74,15 +94,16 @@ class LinearFakeQuant(nn.Module):
     ``layout(in_features)``: the column order export writes this weight in (o_proj: transformers' group-major
     heads, the elastic model keeps them slot-major); groups along the input are formed in that order."""
 
-    def __init__(self, recipe, name: str, layout: Callable[[int], torch.Tensor] | None = None) -> None:
+    def __init__(self, recipe, name: str, layout: Callable[[int], torch.Tensor] | None = None, *,
+                 scales: str = "absmax") -> None:
         super().__init__()
-        self.recipe, self.name, self.layout = recipe, name, layout
+        self.recipe, self.name, self.layout, self.scales = recipe, name, layout, scales
         self._grids: dict[int, Grid | None] = {}
         self._quantizers: dict[Grid, tuple[nn.Module, nn.Module]] = {}
         self._orders: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def extra_repr(self) -> str:
-        return f"recipe={self.recipe.name}, name={self.name}"
+        return f"recipe={self.recipe.name}, name={self.name}, scales={self.scales}"
 
     def grid(self, in_features: int) -> Grid | None:
         """The recipe's (scheme, group) for this projection at ``in_features`` (None: left unquantized)."""
@@ -106,7 +127,12 @@ class LinearFakeQuant(nn.Module):
         grid = self.grid(weight.shape[1])
         if grid is None:
             return weight
-        fq = self.quantizers(grid)[1]
+        scheme, group = grid
+        if self.scales == "hqq" and scheme == "8da4w":
+            def fq(w: torch.Tensor) -> torch.Tensor:
+                return _hqq_fake_quantize(w, group)
+        else:
+            fq = self.quantizers(grid)[1]
         if self.layout is None:
             return fq(weight)
         n = weight.shape[1]
@@ -136,15 +162,17 @@ def o_proj_layout(elastic: ElasticLM) -> Callable[[int], torch.Tensor]:
     return layout
 
 
-def attach_fake_quant(elastic: ElasticLM, scheme: str) -> list[LinearFakeQuant]:
-    """Make every decoder projection of ``elastic`` fake-quantize as recipe ``scheme`` exports it."""
-    recipe = qat_recipe(scheme)
+def attach_fake_quant(elastic: ElasticLM, scheme: str, *, scales: str = "absmax") -> list[LinearFakeQuant]:
+    """Make every decoder projection of ``elastic`` fake-quantize as recipe ``scheme`` exports it (``scales``: one
+    of QAT_SCALES, how int4 group scales are chosen)."""
+    recipe = qat_recipe(scheme, scales)
     hooks = []
     for block in elastic.layers:
         for name, lin in block.projections().items():
             if lin.fake_quant is not None:
                 raise RuntimeError("this elastic model is already quantization-aware")
-            hook = LinearFakeQuant(recipe, name, o_proj_layout(elastic) if name == "o_proj" else None)
+            hook = LinearFakeQuant(recipe, name, o_proj_layout(elastic) if name == "o_proj" else None,
+                                   scales=scales)
             lin.fake_quant = hook
             hooks.append(hook)
     return hooks

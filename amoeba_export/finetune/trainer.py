@@ -102,14 +102,18 @@ class Run:
     def __init__(self, accelerator, plan, plan_dir: Path, config: TrainConfig, out: Path) -> None:
         self.acc, self.plan, self.plan_dir, self.config, self.out = accelerator, plan, plan_dir, config, out
 
+    def qat(self) -> dict[str, str] | None:
+        """What the run's forwards fake-quantized (None: a plain fp fine-tune); extraction ignores it."""
+        c = self.config
+        return None if c.qat is None else {"scheme": c.qat, "scales": c.qat_scales}
+
     def elastic_meta(self, step: int, *, final: bool, files: dict[str, Any]) -> dict[str, Any]:
         plan_identity = stage_identity(self.plan_dir)
         return {"kind": ELASTIC_KIND, "version": ELASTIC_VERSION, "plan_dir": str(self.plan_dir),
                 "plan_identity": plan_identity, "model_dir": str(self.plan.model_dir),
                 "compensate": self.plan.config.compensate,
-                "smol": self.config.to_dict()["smol"], "train": self.config.to_dict(), "qat": self.config.qat,
-                "step": step,
-                "final": final, "weights": WEIGHTS, "world_size": self.acc.num_processes, "files": files,
+                "smol": self.config.to_dict()["smol"], "train": self.config.to_dict(), "qat": self.qat(),
+                "step": step, "final": final, "weights": WEIGHTS, "world_size": self.acc.num_processes, "files": files,
                 "identity": content_identity(ELASTIC_KIND, files, plan=plan_identity)}
 
 
@@ -185,7 +189,7 @@ def train(plan_dir: str | Path, config: TrainConfig, out: str | Path, *, resume:
     if config.qat is not None:  # forwards fake-quantize as the export recipe will; the weights stay fp32
         from .qat import attach_fake_quant
 
-        attach_fake_quant(elastic, config.qat)
+        attach_fake_quant(elastic, config.qat, scales=config.qat_scales)
     start_step = 0
     if ckpt is not None:
         model.load_trainable_state(load_smol_weights(ckpt))

@@ -41,9 +41,9 @@ def lora_model(tiny_plan):
     return elastic, plan
 
 
-def _converted(folder, recipe, algorithm: str):
+def _converted(folder, recipe, algorithm: str | None):
     """The extracted HF subnet with its decoder linears quantized by torchao as the recipe does (lm_head left
-    fp32, as QAT leaves it); ``algorithm`` replaces the recipe's int4 scale algorithm (HQQ)."""
+    fp32, as QAT leaves it); ``algorithm`` replaces the recipe's int4 scale algorithm (HQQ) unless None."""
     from torchao.quantization import quantize_
 
     model = load_model(folder).eval()
@@ -51,38 +51,42 @@ def _converted(folder, recipe, algorithm: str):
     plan.pop("lm_head", None)
     for key in sorted(set(plan.values()), key=str):
         config = _config(*key)
-        if key[0] == "8da4w":
+        if key[0] == "8da4w" and algorithm is not None:
             config = dataclasses.replace(config, intx_choose_qparams_algorithm=algorithm)
         quantize_(model, config, filter_fn=lambda m, fqn, key=key: plan.get(fqn) == key)
     return model
 
 
-def _subnet(elastic, plan, depth, width, scheme, folder):
+def _subnet(elastic, plan, depth, width, scheme, scales, folder):
     """(shape, QAT logits, fp logits, converted model) of one shape; QAT is detached again afterwards."""
     ids = torch.randint(0, 320, (2, 12), generator=torch.Generator().manual_seed(0))
     shape = plan.shape(depth, width)
     merge_for_shape(elastic, shape)
     with torch.no_grad():
         fp = elastic(ids, shape)
-        attach_fake_quant(elastic, scheme)
+        attach_fake_quant(elastic, scheme, scales=scales)
         try:
             qat = elastic(ids, shape)
         finally:
             detach_fake_quant(elastic)
         write_subnet(elastic, shape, folder, source_dir=plan.model_dir)
-        # torchao's converted linear: per-token int8 activations, dequantized weights, a float matmul. With the
-        # recipe's HQQ scales the int4 grids differ from QAT's absmax ones (see finetune/qat.py), so the
-        # comparison quantizes with torchao's "affine" (absmax) algorithm, the scales QAT trains with.
-        converted = _converted(folder, get_recipe(scheme), "affine")
+        # torchao's converted linear: per-token int8 activations, dequantized weights, a float matmul. QAT's
+        # default absmax int4 scales are torchao's "affine" algorithm; with qat_scales "hqq" the recipe as it is.
+        converted = _converted(folder, get_recipe(scheme), "affine" if scales == "absmax" else None)
         want = converted(input_ids=ids, use_cache=False).logits
     return shape, qat, fp, converted, want
 
 
-@pytest.mark.parametrize("scheme", QAT_SCHEMES)
-def test_qat_forward_equals_the_converted_subnet(lora_model, tmp_path, scheme, one_thread):
+# Every scheme with torchao's absmax scales; HQQ scales only change int4 grids (8da8w has none).
+SETTINGS = [(scheme, "absmax") for scheme in QAT_SCHEMES] + [("8da4w", "hqq"), ("8da4w-attn", "hqq")]
+
+
+@pytest.mark.parametrize("scheme, scales", SETTINGS)
+def test_qat_forward_equals_the_converted_subnet(lora_model, tmp_path, scheme, scales, one_thread):
     elastic, plan = lora_model
     for depth, width in SHAPES:
-        shape, qat, fp, _, want = _subnet(elastic, plan, depth, width, scheme, tmp_path / f"d{depth}-w{width}")
+        shape, qat, fp, _, want = _subnet(elastic, plan, depth, width, scheme, scales,
+                                          tmp_path / f"d{depth}-w{width}")
         effect = (qat - fp).abs()
         assert effect.max() > 0.1  # the fake quantization is really on
         # Equal to float noise (measured ≤ 2.3e-6 on logits up to ≈ 5) unless that noise (the two models sum in
@@ -93,16 +97,17 @@ def test_qat_forward_equals_the_converted_subnet(lora_model, tmp_path, scheme, o
         assert diff.mean() <= 0.1 * effect.mean() and diff.max() <= 0.25 * effect.max(), (depth, width)
 
 
-@pytest.mark.parametrize("scheme", QAT_SCHEMES)
-def test_qat_linears_equal_the_converted_linears(lora_model, tmp_path, scheme, one_thread):
+@pytest.mark.parametrize("scheme, scales", SETTINGS)
+def test_qat_linears_equal_the_converted_linears(lora_model, tmp_path, scheme, scales, one_thread):
     """Every decoder linear of the subnet, fed the same input: the QAT path (sliced + LoRA-merged + refit weight,
     fake-quantized by the hook) gives the converted linear's output, in export layout, to float noise."""
     elastic, plan = lora_model
     gen = torch.Generator().manual_seed(2)
     for depth, width in SHAPES:
-        shape, _, _, converted, _ = _subnet(elastic, plan, depth, width, scheme, tmp_path / f"d{depth}-w{width}")
+        shape, _, _, converted, _ = _subnet(elastic, plan, depth, width, scheme, scales,
+                                            tmp_path / f"d{depth}-w{width}")
         linears = dict(converted.named_modules())
-        attach_fake_quant(elastic, scheme)
+        attach_fake_quant(elastic, scheme, scales=scales)
         try:
             for new, (layer, q, kv, m) in enumerate(zip(shape.layers, shape.q_heads, shape.kv_heads, shape.mlp)):
                 block, hd = elastic.layers[layer], plan.dims.head_dim
@@ -132,13 +137,14 @@ def test_qat_schemes_are_executorch_recipes():
         assert not recipe.broken and recipe.linear in ("8da4w", "8da8w"), scheme
 
 
-def test_qat_train_step_trains_the_lora_factors(tiny_plan, one_thread):
+@pytest.mark.parametrize("scales", ["absmax", "hqq"])
+def test_qat_train_step_trains_the_lora_factors(tiny_plan, scales, one_thread):
     from amoeba_export.finetune.config import SMoLConfig
     from amoeba_export.plan import load_elastic
 
     elastic, plan = load_elastic(tiny_plan, depth_maps=False)
     model = SMoLModel(elastic, SMoLConfig(), seed=0)
-    hooks = attach_fake_quant(elastic, "8da4w")
+    hooks = attach_fake_quant(elastic, "8da4w", scales=scales)
     assert len(hooks) == 7 * plan.dims.num_layers and elastic.lm_head.__class__ is torch.nn.Linear
     model.train()
     ids = torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -168,9 +174,10 @@ def test_train_cli_with_qat_records_it(tiny_plan, tmp_path, one_thread):
     data.write_text(TEXT)
     out = tmp_path / "run"
     assert main(["train", "--plan", str(tiny_plan), "--out", str(out), "--data", str(data), "--seq-len", "16",
-                 "--steps", "2", "--lr", "1e-2", "--quiet", "--qat", "8da4w"]) == 0
+                 "--steps", "2", "--lr", "1e-2", "--quiet", "--qat", "8da4w", "--qat-scales", "hqq"]) == 0
     meta = json.loads((out / "meta.json").read_text())
-    assert meta["qat"] == "8da4w" and meta["train"]["qat"] == "8da4w"
+    assert meta["qat"] == {"scheme": "8da4w", "scales": "hqq"}
+    assert (meta["train"]["qat"], meta["train"]["qat_scales"]) == ("8da4w", "hqq")
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert all(torch.isfinite(torch.tensor(list(e["loss"].values()))).all() for e in log)
 
@@ -178,6 +185,12 @@ def test_train_cli_with_qat_records_it(tiny_plan, tmp_path, one_thread):
 def test_bad_qat_scheme_is_a_config_error(tiny_plan, tmp_path, capsys):
     with pytest.raises(ConfigError, match=r"qat 'int4' .*\(supported are: 8da4w, 8da4w-attn, 8da8w\)"):
         TrainConfig(qat="int4").validate()
+    with pytest.raises(ConfigError, match=r"qat_scales 'gptq' .*\(supported are: absmax, hqq\)"):
+        TrainConfig(qat="8da4w", qat_scales="gptq").validate()
+    with pytest.raises(ConfigError, match=r"qat_scales 'hqq' needs a qat scheme"):
+        TrainConfig(qat_scales="hqq").validate()
+    with pytest.raises(ConfigError, match=r"supported are: 8da4w, 8da4w-attn, 8da8w"):
+        attach_fake_quant(None, "8da4w-g128")  # the same check where QAT is switched on
     assert main(["train", "--plan", str(tiny_plan), "--out", str(tmp_path / "run"), "--qat", "4bit"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "supported are: 8da4w, 8da4w-attn, 8da8w" in err
@@ -185,8 +198,8 @@ def test_bad_qat_scheme_is_a_config_error(tiny_plan, tmp_path, capsys):
 
 
 def test_qat_round_trips_and_older_configs_load_without_it():
-    config = TrainConfig(qat="8da8w").validate()
+    config = TrainConfig(qat="8da4w-attn", qat_scales="hqq").validate()
     assert TrainConfig.from_dict(json.loads(config.to_json())) == config
     old = TrainConfig().to_dict()
-    del old["qat"]
-    assert TrainConfig.from_dict(old).qat is None
+    del old["qat"], old["qat_scales"]
+    assert TrainConfig.from_dict(old) == TrainConfig()
