@@ -42,6 +42,50 @@ def tiny_tokenizer(vocab_size: int = 320, style: str = "gpt2"):
                                    unk_token=None)
 
 
+# More text for the SentencePiece tokenizer: capitals, digits, punctuation, tabs and a few non-ASCII letters, so
+# its pieces cover more than TEXT's lower case (anything else falls back to bytes, as in Llama 2 and Mistral).
+SPM_TEXT = (
+    "The Canterbury corpus holds English text, source code and data. Elastic subnets keep any depth and width: "
+    "GGUF files for llama.cpp, ONNX graphs and ExecuTorch programs.\n"
+    "In 2024, 12 models ran 3.14 times faster! Is that true? Yes -- it is; see Table 7 (page 42).\n"
+    "\tdef f(x):\n\t\treturn x * 2  # twice\n"
+    "Caf\u00e9, na\u00efve, \u00fcber, \u00e9l\u00e8ve \u2014 \u201cquoted\u201d words and SentencePiece pieces.\n"
+) * 8
+SPM_VOCAB = 448
+
+
+def tiny_sentencepiece_model(vocab_size: int = SPM_VOCAB) -> bytes:
+    """A SentencePiece BPE model with byte fallback, trained on TEXT and SPM_TEXT with Llama 2 / Mistral's
+    settings: ids 0-2 are <unk>, <s>, </s>, digits split, identity normalization, a dummy space prefix and no
+    removal of extra whitespace. Returns the ``tokenizer.model`` bytes."""
+    import io
+
+    import sentencepiece as spm
+
+    out = io.BytesIO()
+    lines = (TEXT + SPM_TEXT).replace(". ", ".\n").splitlines()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=out, vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=True, character_coverage=1.0, split_digits=True, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        num_threads=1, minloglevel=2)
+    return out.getvalue()
+
+
+def tiny_sentencepiece_tokenizer(vocab_size: int = SPM_VOCAB, **kwargs):
+    """transformers' LlamaTokenizer converted from :func:`tiny_sentencepiece_model`, adding BOS as Llama 2 and
+    Mistral do (``kwargs`` go to ``from_pretrained``, e.g. ``legacy=True``); returns (tokenizer, model bytes)."""
+    import tempfile
+
+    from transformers import LlamaTokenizer
+
+    raw = tiny_sentencepiece_model(vocab_size)
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "tokenizer.model").write_bytes(raw)
+        tok = LlamaTokenizer.from_pretrained(tmp, **{"add_bos_token": True, "add_eos_token": False, **kwargs})
+    return tok, raw
+
+
 # Llama 3.x RoPE scaling at tiny size: original context 64 of 512, so the scaled (low) frequencies are used.
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
@@ -55,18 +99,26 @@ FAMILIES: dict[str, dict] = {
     "qwen2": dict(arch="qwen2", tie=False, tokenizer="qwen2"),
     "qwen3": dict(arch="qwen3", tie=True, tokenizer="qwen2"),
 }
+# Families with a SentencePiece-style tokenizer (tokenizer.model + a byte-fallback BPE tokenizer.json, ids 0-2
+# <unk> <s> </s>), as Llama 2 and Mistral ship; kept apart from FAMILIES so bench/any_model.py runs as before.
+SPM_FAMILIES: dict[str, dict] = {
+    "llama2": dict(arch="llama", tie=False, tokenizer="spm", vocab=SPM_VOCAB, bos_token_id=1, eos_token_id=2),
+    "mistral-spm": dict(arch="mistral", tie=False, tokenizer="spm", vocab=SPM_VOCAB, bos_token_id=1,
+                        eos_token_id=2),
+}
 
 
 def tiny_llama_config(*, layers: int = 4, hidden: int = 64, heads: int = 4, kv_heads: int = 2,
                       intermediate: int = 128, vocab: int = 320, tie: bool = False, arch: str = "llama",
-                      head_dim: int | None = None, rope: dict | None = None):
+                      head_dim: int | None = None, rope: dict | None = None, bos_token_id: int = 0,
+                      eos_token_id: int = 0):
     from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[arch]
     kwargs = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
                   num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=512,
-                  rms_norm_eps=1e-5, tie_word_embeddings=tie, initializer_range=0.15, bos_token_id=0,
-                  eos_token_id=0)
+                  rms_norm_eps=1e-5, tie_word_embeddings=tie, initializer_range=0.15, bos_token_id=bos_token_id,
+                  eos_token_id=eos_token_id)
     if head_dim is not None:
         kwargs["head_dim"] = head_dim
     if arch == "qwen3" and head_dim is None:
@@ -79,12 +131,14 @@ def tiny_llama_config(*, layers: int = 4, hidden: int = 64, heads: int = 4, kv_h
 
 
 def tiny_family(family: str, out: str | Path | None = None, *, seed: int = 0, **overrides):
-    """A tiny random stock model of ``family`` (a key of :data:`FAMILIES`), saved to ``out`` when given."""
-    return tiny_llama(out, seed=seed, **{**FAMILIES[family], **overrides})
+    """A tiny random stock model of ``family`` (a key of :data:`FAMILIES` or :data:`SPM_FAMILIES`), saved to
+    ``out`` when given."""
+    return tiny_llama(out, seed=seed, **{**{**FAMILIES, **SPM_FAMILIES}[family], **overrides})
 
 
 def tiny_llama(out: str | Path | None = None, *, seed: int = 0, tokenizer: str = "gpt2", **config_kwargs):
-    """A random causal LM (fp32, eval); saved with a ``tokenizer``-style tokenizer to ``out`` when given."""
+    """A random causal LM (fp32, eval); saved with a ``tokenizer``-style tokenizer to ``out`` when given
+    (:func:`tiny_tokenizer`'s styles, or ``spm``: :func:`tiny_sentencepiece_tokenizer` and its tokenizer.model)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -154,5 +208,10 @@ def _finish(model, out: str | Path | None, tokenizer: str = "gpt2"):
     if out is not None:
         out = Path(out)
         model.save_pretrained(out, safe_serialization=True)
-        tiny_tokenizer(model.config.vocab_size, tokenizer).save_pretrained(out)
+        if tokenizer == "spm":
+            tok, raw = tiny_sentencepiece_tokenizer(model.config.vocab_size)
+            tok.save_pretrained(out)
+            (out / "tokenizer.model").write_bytes(raw)
+        else:
+            tiny_tokenizer(model.config.vocab_size, tokenizer).save_pretrained(out)
     return model

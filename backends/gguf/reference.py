@@ -28,8 +28,9 @@ ARCH_KEYS = ("context_length", "embedding_length", "block_count", "feed_forward_
              "attention.head_count_kv", "attention.layer_norm_rms_epsilon", "rope.freq_base",
              "rope.dimension_count", "rope.scaling.type", "rope.scaling.factor")
 GLOBAL_KEYS = ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
-               "tokenizer.ggml.merges", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
-               "tokenizer.ggml.add_bos_token")
+               "tokenizer.ggml.scores", "tokenizer.ggml.merges", "tokenizer.ggml.bos_token_id",
+               "tokenizer.ggml.eos_token_id", "tokenizer.ggml.unknown_token_id", "tokenizer.ggml.padding_token_id",
+               "tokenizer.ggml.add_bos_token", "tokenizer.ggml.add_eos_token", "tokenizer.ggml.add_space_prefix")
 
 # Run as ``python -c`` in the child: the sdist's converter with a fixed pre-tokenizer name.
 _CONVERT = """
@@ -133,14 +134,16 @@ def _float_close(a: Any, b: Any) -> bool:
     return a == b
 
 
-def compare_structure(ours: str | Path, theirs: str | Path) -> Comparison:
+def compare_structure(ours: str | Path, theirs: str | Path, *, ignore: tuple[str, ...] = ()) -> Comparison:
     """Tensor set, types and shapes, and the metadata in ARCH_KEYS/GLOBAL_KEYS (a key the converter writes
-    must be in ours with the same value)."""
+    must be in ours with the same value), except the keys in ``ignore``."""
     a, b = gguf_summary(ours), gguf_summary(theirs)
     ta, tb = a["tensors"], b["tensors"]
     mismatched = [f"{n}: ours {ta[n]} vs {tb[n]}" for n in sorted(set(ta) & set(tb)) if ta[n] != tb[n]]
     meta = []
     for key, want in b["meta"].items():
+        if key in ignore:
+            continue
         got = a["meta"].get(key)
         same = (isinstance(want, list) and isinstance(got, list) and len(got) == len(want)
                 and all(map(_float_close, got, want))) or (not isinstance(want, list) and got is not None
@@ -167,9 +170,10 @@ print(json.dumps({"kl": kl, "max_abs_diff": float(np.abs(out[0] - out[1]).max())
 """
 
 
-def compare_with_converter(ours: str | Path, theirs: str | Path, ids: list[int]) -> Comparison:
+def compare_with_converter(ours: str | Path, theirs: str | Path, ids: list[int], *,
+                           ignore: tuple[str, ...] = ()) -> Comparison:
     """:func:`compare_structure` plus mean KL(converter ‖ ours) of next-token distributions over ``ids``."""
-    structure = compare_structure(ours, theirs)
+    structure = compare_structure(ours, theirs, ignore=ignore)
     proc = subprocess.run([sys.executable, "-c", _LOGITS, str(ours), str(theirs), json.dumps(ids)],
                           capture_output=True, text=True)
     if proc.returncode != 0:

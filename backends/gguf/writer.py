@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -264,4 +264,4 @@ def write_gguf(hf_dir: str | Path, out_file: str | Path, *, dtype: str = "F32", 
             writer.write_tensor_data(arr)
     finally:
         writer.close()
-    return plan
+    return replace(plan, notes=plan.notes + vocab.notes)
