@@ -100,7 +100,7 @@ class LinearFakeQuant(nn.Module):
         self.recipe, self.name, self.layout, self.scales = recipe, name, layout, scales
         self._grids: dict[int, Grid | None] = {}
         self._quantizers: dict[Grid, tuple[nn.Module, nn.Module]] = {}
-        self._orders: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._orders: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def extra_repr(self) -> str:
         return f"recipe={self.recipe.name}, name={self.name}, scales={self.scales}"
@@ -135,11 +135,11 @@ class LinearFakeQuant(nn.Module):
             fq = self.quantizers(grid)[1]
         if self.layout is None:
             return fq(weight)
-        n = weight.shape[1]
-        if n not in self._orders:
-            order = self.layout(n).to(weight.device)
-            self._orders[n] = (order, torch.argsort(order))
-        order, back = self._orders[n]
+        key = (weight.shape[1], weight.device)
+        if key not in self._orders:
+            order = self.layout(weight.shape[1]).to(weight.device)
+            self._orders[key] = (order, torch.argsort(order))
+        order, back = self._orders[key]
         return fq(weight[:, order])[:, back]
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
