@@ -233,3 +233,46 @@ def test_unlisted_structure_and_tokenizer_model_are_refused_with_the_table(spm_d
     unigram_json(hf)
     with pytest.raises(BackendError, match="'Unigram'.*supported are: byte-level BPE .*SentencePiece-style BPE"):
         build_vocab(hf, SPM_VOCAB)
+
+
+@needs_converter
+def test_real_llama_vocabulary_tokenizes_as_llama_cpp_expects(tmp_path):
+    """The real Llama SentencePiece vocabulary (32,000 tokens) from llama.cpp's own tokenizer test files
+    (``models/ggml-vocab-llama-spm.gguf`` with its ``.inp`` texts and the ``.out`` ids llama.cpp must give):
+    transformers' tokenizer of it, saved without tokenizer.model, exported by our writer (scores rebuilt from the
+    merges) tokenizes every test text to llama.cpp's expected ids, and as transformers does wherever the text
+    does not start with whitespace (the known difference)."""
+    import gguf as gguf_py
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from amoeba_export.backends.gguf.reference import _value
+    from amoeba_export.testing import tiny_llama_config
+
+    models = SOURCE / "models"
+    hf = tmp_path / "llama-spm"
+    AutoTokenizer.from_pretrained(str(models), gguf_file="ggml-vocab-llama-spm.gguf").save_pretrained(hf)
+    config = tiny_llama_config(vocab=32000, hidden=16, heads=2, kv_heads=1, intermediate=32, layers=1,
+                               bos_token_id=1, eos_token_id=2)
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(hf)
+    write_gguf(hf, tmp_path / "ours.gguf", dtype="F16", progress=False)
+
+    reader = gguf_py.GGUFReader(str(models / "ggml-vocab-llama-spm.gguf"))
+    ours = gguf_summary(tmp_path / "ours.gguf")["meta"]
+    assert ours["tokenizer.ggml.tokens"] == _value(reader.fields["tokenizer.ggml.tokens"])
+    real_types = _value(reader.fields["tokenizer.ggml.token_type"])
+    assert [i for i, (a, b) in enumerate(zip(ours["tokenizer.ggml.token_type"], real_types)) if a != b] == [0]
+    assert (real_types[0], ours["tokenizer.ggml.token_type"][0]) == (UNKNOWN, CONTROL)  # <unk> is an added token
+
+    texts = (models / "ggml-vocab-llama-spm.gguf.inp").read_text().split("\n__ggml_vocab_test__\n")
+    expected = [[int(x) for x in line.split()]
+                for line in (models / "ggml-vocab-llama-spm.gguf.out").read_text().split("\n")][:len(texts)]
+    runner = LlamaCppRunner(tmp_path / "ours.gguf", threads=1, n_ctx=512)
+    try:
+        got = [list(runner.llm.tokenize(t.encode("utf-8"), add_bos=False, special=False)) for t in texts]
+    finally:
+        runner.close()
+    assert len(texts) == 47 and got == expected
+    visible = [i for i, t in enumerate(texts) if t and not t[0].isspace()]
+    assert len(visible) >= 20
+    assert [got[i] for i in visible] == hf_ids(hf, [texts[i] for i in visible])
