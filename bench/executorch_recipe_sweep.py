@@ -34,6 +34,12 @@ def variants():
         "8da4w-attn (q,k,o int4)": RECIPES["8da4w-attn"],
         "q,k int4 only": dataclasses.replace(base, keep_8bit=ATTN_QKO + ("o_proj",)),
         "8da8w": RECIPES["8da8w"],
+        # GPTQ rounding on the same grids (calibration split, never the held-out rows measured here)
+        "8da4w-gptq": RECIPES["8da4w-gptq"],
+        "8da4w-gptq + down 8-bit": dataclasses.replace(RECIPES["8da4w-gptq"], keep_8bit=("down_proj",)),
+        "8da4w-attn-gptq": RECIPES["8da4w-attn-gptq"],
+        "8da4w-gptq, no act-order": RECIPES["8da4w-gptq"],
+        "8da4w-gptq, 16,384 tokens": dataclasses.replace(RECIPES["8da4w-gptq"], calibration_tokens=16384),
     }
 
 
@@ -41,12 +47,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=1024, help="held-out tokens (rows of 256, as the validator)")
     ap.add_argument("--threads", type=int)
+    ap.add_argument("--only", help="variant names separated by semicolons (default: all)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    from amoeba_export.backends.executorch.gptq import GPTQSettings
     from amoeba_export.backends.executorch.module import StaticCacheLM
-    from amoeba_export.backends.executorch.recipes import RECIPES, apply_recipe
+    from amoeba_export.backends.executorch.recipes import CALIBRATION_SEQ_LEN, RECIPES, Calibration, apply_recipe
     from amoeba_export.data import measurement_rows
     from amoeba_export.deploy.sizing import executorch_weight_bytes, subnet_tensors
     from amoeba_export.modelio import load_model, load_tokenizer
@@ -71,10 +79,19 @@ def main() -> None:
     ref_logp = torch.log_softmax(ref, -1)
     results = []
     print(f"{'recipe':<26} {'weights MB':>10} {'top1':>6} {'KL':>7} {'ppl ratio':>9}")
+    wanted = set(args.only.split(";")) if args.only else None
     for name, recipe in variants().items():
-        module = StaticCacheLM(load_model(hf), 256, full_logits=True).eval()
+        if wanted is not None and name not in wanted:
+            continue
+        fresh = load_model(hf)
+        module = StaticCacheLM(fresh, 256, full_logits=True).eval()
+        calibration = None
+        if recipe.rounding == "gptq":
+            calib = measurement_rows("calibration", load_tokenizer(hf), CALIBRATION_SEQ_LEN, recipe.calibration_tokens)
+            settings = GPTQSettings(act_order="no act-order" not in name)
+            calibration = Calibration(fresh, calib.rows, calib.label(), settings)
         with torch.no_grad():
-            apply_recipe(module, recipe)
+            apply_recipe(module, recipe, calibration=calibration)
         q_logp = torch.log_softmax(logits(module), -1)
         row = {"recipe": name, "keep_8bit": list(recipe.keep_8bit),
                # priced for shipped recipes only (sizing looks recipes up by name)

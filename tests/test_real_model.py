@@ -42,8 +42,11 @@ def test_plan_and_extraction_on_the_real_model(default_model_dir, model, tmp_pat
     with torch.no_grad():
         torch.testing.assert_close(elastic(ids), ref, atol=1e-3, rtol=0)
     plain = make_elastic(load_model(default_model_dir))
+    # Same weights, sums in another order: the gap depends on the CPU's fp32 kernels (1.04e-4 at most measured on
+    # an AVX-512/AMX Xeon, less on AMD EPYC), so 5e-4 on logits reaching ~30 (≈ 2e-5 relative); a wrong slice
+    # or a missed bias is off by whole logits.
     with torch.no_grad():
-        torch.testing.assert_close(plain(ids), ref, atol=1e-4, rtol=0)
+        torch.testing.assert_close(plain(ids), ref, atol=5e-4, rtol=0)
 
     elastic, plan = load_elastic(tmp_path / "plan", compensate=True)
     for depth, width, mode in ((27, 0.5, "global"), (28, 0.75, "uniform")):

@@ -40,7 +40,7 @@ from amoeba_export.errors import BackendError, CheckpointError
 from ..base import Artifact, Backend, Runner
 from ..meta import copy_tokenizer, export_meta, peak_rss_gb, tool_versions
 from .module import ATTENTION, DEFAULT_ATTENTION, attention_kind, load_custom_ops
-from .recipes import RECIPES, apply_recipe, get_recipe
+from .recipes import CALIBRATION_SEQ_LEN, RECIPES, Calibration, apply_recipe, get_recipe
 
 MODEL_FILE = "model.pte"
 DEFAULT_MAX_CONTEXT = 512  # the validator's default row length; the cache costs layers*2*kv*ctx*head_dim floats
@@ -214,6 +214,17 @@ class ExecuTorchRunner(Runner):
         self.method = self._full = self.program = None
 
 
+def _calibration(hf_dir: Path, model, recipe) -> Calibration | None:
+    """Calibration rows for a recipe that rounds with GPTQ (spread over the calibration split), else None."""
+    if recipe.rounding != "gptq":
+        return None
+    from amoeba_export.data import measurement_rows
+    from amoeba_export.modelio import load_tokenizer
+
+    rows = measurement_rows("calibration", load_tokenizer(hf_dir), CALIBRATION_SEQ_LEN, recipe.calibration_tokens)
+    return Calibration(model, rows.rows, rows.label())
+
+
 class ExecuTorchBackend(Backend):
     name = "executorch"
     extra = "executorch"
@@ -247,7 +258,7 @@ class ExecuTorchBackend(Backend):
         clock = StageClock()
         with atomic_dir(out_dir, force=force) as tmp:
             stages = tqdm(total=5, desc=f"executorch {recipe.name}", unit="stage")
-            module, metadata, notes = self._prepare(hf_dir, recipe, max_context, group_fallback, attention,
+            module, metadata, notes, rounding = self._prepare(hf_dir, recipe, max_context, group_fallback, attention,
                                                     dynamic_shape, stages, clock)
             programs = self._export(module, max_context, full_logits_method, dynamic_shape, stages, clock)
             stages.set_postfix_str("lowering to XNNPACK (slow)")
@@ -264,7 +275,7 @@ class ExecuTorchBackend(Backend):
             meta = export_meta(
                 backend=self.name, quant=recipe.name, hf_dir=hf_dir, folder=tmp, model_file=MODEL_FILE,
                 started=started, tools=tool_versions("torch", "transformers", "executorch", "torchao"),
-                notes=notes, recipe=asdict(recipe), attention=attention,
+                notes=notes, recipe=asdict(recipe), attention=attention, rounding=rounding,
                 methods=["forward"] + ([FULL_LOGITS_METHOD] if full_logits_method else []),
                 max_context=max_context, program_metadata=metadata, lowering_seconds=round(lower_seconds, 1),
                 export_stages=clock.stages, export_peak_rss_gb=clock.peak_gb(),
@@ -307,7 +318,8 @@ class ExecuTorchBackend(Backend):
         # Quantized before torch.export (as ExecuTorch's export_llm does): the graph is traced once with the
         # quantized weights, and both methods share them.
         with clock.stage("quantize"), torch.no_grad():
-            notes = apply_recipe(module, recipe, group_fallback=group_fallback)
+            calibration = _calibration(hf_dir, model, recipe)
+            notes, rounding = apply_recipe(module, recipe, group_fallback=group_fallback, calibration=calibration)
         stages.update()
         tied = bool(getattr(model.config, "tie_word_embeddings", False))
         if tied and recipe.head is None and recipe.embedding is None:
@@ -319,7 +331,7 @@ class ExecuTorchBackend(Backend):
             "get_n_layers": int(model.config.num_hidden_layers), "use_kv_cache": True,
             "use_sdpa_with_kv_cache": attention_kind(attention).custom_ops, "enable_dynamic_shape": dynamic_shape,
         }
-        return module, metadata, notes
+        return module, metadata, notes, rounding
 
     @staticmethod
     def _export(module, max_context: int, full_logits_method: bool, dynamic_shape: bool, stages,

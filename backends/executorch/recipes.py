@@ -10,6 +10,7 @@ the sensitive ones, so ``8da4w-attn`` keeps int4 for the q/k/o projections only 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -17,8 +18,12 @@ from torch import nn
 
 from amoeba_export.errors import BackendError
 
-RECIPE_VERSION = 1
+from .gptq import GPTQSettings
+
+RECIPE_VERSION = 2  # 2: ``rounding`` and ``calibration_tokens`` (GPTQ); version-1 recipes were all round-to-nearest
+CALIBRATION_SEQ_LEN = 512  # the validator's row length
 GROUP_MULTIPLE = 32  # XNNPACK delegates int4 groups only in multiples of 32
+ROUNDINGS = ("rtn", "gptq")
 
 
 @dataclass(frozen=True)
@@ -31,6 +36,9 @@ class Recipe:
     description: str = ""
     broken: str = ""  # non-empty: refused with this reason (a stack bug measured here)
     keep_8bit: tuple[str, ...] = ()  # decoder linears (module-name suffixes) in 8da8w under an 8da4w recipe
+    # "rtn": torchao's rounding; "gptq": the same grids, codes re-rounded by GPTQ (gptq.py) on calibration rows
+    rounding: str = "rtn"
+    calibration_tokens: int = 0  # gptq: tokens of the calibration split (rows of CALIBRATION_SEQ_LEN)
     version: int = RECIPE_VERSION
 
     def scheme_for(self, module: str) -> str | None:
@@ -49,6 +57,12 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("8da4w-attn", "8da4w", "8da8w", "int8", 32,
            "int4 (groups of 32, HQQ) for the attention q/k/o projections; v, MLP, lm_head and embedding int8",
            keep_8bit=("v_proj", "gate_proj", "up_proj", "down_proj")),
+    Recipe("8da4w-gptq", "8da4w", "8da8w", "int8", 32,
+           "as 8da4w (same HQQ grids), every decoder linear's codes rounded by GPTQ on 4,096 calibration tokens",
+           rounding="gptq", calibration_tokens=4096),
+    Recipe("8da4w-attn-gptq", "8da4w", "8da8w", "int8", 32,
+           "as 8da4w-attn, every decoder linear's codes rounded by GPTQ on 4,096 calibration tokens",
+           keep_8bit=("v_proj", "gate_proj", "up_proj", "down_proj"), rounding="gptq", calibration_tokens=4096),
     Recipe("8da4w-g128", "8da4w", "8da8w", "int8", 128,
            "as 8da4w with groups of 128 (widths that 128 does not divide fall back to a smaller group)"),
     Recipe("8da4w-head4", "8da4w", "8da4w", None, 32,
@@ -129,9 +143,25 @@ def plan_linears(model: nn.Module, recipe: Recipe, *, group_fallback: bool = Tru
     return plan, notes
 
 
-def apply_recipe(module: nn.Module, recipe: Recipe, *, group_fallback: bool = True) -> list[str]:
-    """Quantize ``module`` (a StaticCacheLM) in place; returns notes for meta.json."""
+@dataclass(frozen=True)
+class Calibration:
+    """What a ``gptq`` recipe rounds with: the HF model whose linears the module shares, and token rows."""
+
+    model: nn.Module
+    rows: torch.Tensor  # [n, CALIBRATION_SEQ_LEN]
+    label: str  # what the rows were read from, as meta quotes it
+    settings: GPTQSettings = GPTQSettings()
+
+
+def apply_recipe(module: nn.Module, recipe: Recipe, *, group_fallback: bool = True,
+                 calibration: Calibration | None = None) -> tuple[list[str], dict | None]:
+    """Quantize ``module`` (a StaticCacheLM) in place; returns notes for meta.json and, for a ``gptq`` recipe,
+    the calibration summary (``calibration`` is then required)."""
     from torchao.quantization import quantize_
+
+    if recipe.rounding == "gptq" and calibration is None:
+        raise BackendError(f"recipe {recipe.name!r} rounds with GPTQ and needs calibration rows",
+                           fix="export through the ExecuTorch backend, which reads the calibration split")
 
     from .module import Int8Embedding
 
@@ -144,8 +174,18 @@ def apply_recipe(module: nn.Module, recipe: Recipe, *, group_fallback: bool = Tr
             head.bias = module.lm_head.bias
         module.lm_head = head
     plan, notes = plan_linears(module, recipe, group_fallback=group_fallback)
+    # GPTQ solves from the weights torchao is about to replace (the same Linear objects keep the new tensors).
+    full = {m: m.weight.detach() for fqn, m in module.named_modules() if fqn in plan and fqn != "lm_head"}
     for key in sorted(set(plan.values()), key=str):
         quantize_(module, _config(*key), filter_fn=lambda m, fqn, key=key: plan.get(fqn) == key)
+    summary = None
+    if recipe.rounding == "gptq":
+        from .gptq import gptq_model
+
+        started = time.perf_counter()
+        summary = gptq_model(calibration.model, full, calibration.rows, calibration.settings)
+        summary.update(text=calibration.label, seconds=round(time.perf_counter() - started, 1))
+        notes.append(f"GPTQ rounding of {summary['linears']} decoder linears on {calibration.label}")
     if recipe.embedding == "int8":
         module.embed_tokens = Int8Embedding(module.embed_tokens.weight)
-    return notes
+    return notes, summary

@@ -216,7 +216,7 @@ def _eager_reference(hf_dir, recipe_name, ids):
 
     with torch.no_grad():
         module = StaticCacheLM(load_model(hf_dir), CTX).eval()
-        apply_recipe(module, get_recipe(recipe_name))
+        apply_recipe(module, get_recipe(recipe_name))  # round-to-nearest recipes: no calibration
         return FullLogits(module)(torch.tensor([ids]), torch.tensor([0]))[0].numpy()
 
 
