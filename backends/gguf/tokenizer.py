@@ -270,12 +270,12 @@ def _read_sentencepiece(path: Path, hf_vocab: dict[str, int]) -> _Pieces | None:
         raise BackendError(f"{path} treats whitespace as a suffix; supported are: prefix whitespace (Llama 2, "
                            "Mistral)", fix=EXPORT_FIX)
     out = _Pieces()
-    stale = []
     for token_id, piece in enumerate(proto.pieces):
         out.set(token_id, piece.piece, float(piece.score), int(piece.type) if int(piece.type) in
                 (NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE) else NORMAL)
-        if hf_vocab.get(piece.piece, token_id) != token_id:
-            stale.append(f"{piece.piece!r} is {token_id} there, {hf_vocab[piece.piece]} in tokenizer.json")
+    hf_tokens = {i: t for t, i in hf_vocab.items()}
+    stale = [f"id {i} is {out.tokens.get(i)!r} there, {hf_tokens.get(i)!r} in tokenizer.json"
+             for i in sorted(set(out.tokens) | set(hf_tokens)) if out.tokens.get(i) != hf_tokens.get(i)]
     if stale:
         raise BackendError(f"{path} and the HF tokenizer disagree on {len(stale)} ids ({'; '.join(stale[:3])})",
                            fix="remove the stale tokenizer.model; the vocabulary is then read from tokenizer.json")

@@ -88,6 +88,12 @@ def test_matches_llama_cpp_converter(spm_dirs, tmp_path, family):
     assert "tokenizer.ggml.merges" not in meta
     # The converter's own file and ours tokenize alike, and as transformers does.
     assert llama_cpp_ids(ours, SAMPLES) == llama_cpp_ids(theirs, SAMPLES) == hf_ids(hf, SAMPLES)
+    # transformers reads our file's tokenizer back (``--model x.gguf``) as the one it was written from.
+    from transformers import AutoTokenizer
+
+    back = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=ours.name)
+    texts = [*SAMPLES, " leading space", "a</s>b"]
+    assert [back(t)["input_ids"] for t in texts] == [load_tokenizer(hf)(t)["input_ids"] for t in texts]
 
 
 @needs_converter
@@ -146,12 +152,13 @@ def test_other_listed_structures_tokenize_like_transformers(spm_dirs, tmp_path, 
     assert llama_cpp_ids(tmp_path / "ours.gguf", texts) == hf_ids(hf, texts)
 
 
-def test_backend_export_validates_and_notes_the_known_difference(spm_dirs, tmp_path):
+@pytest.mark.parametrize("quant", ["F16", "Q8_0"])
+def test_backend_export_validates_and_notes_the_known_difference(spm_dirs, tmp_path, quant):
     from amoeba_export.evaluation.validate import validate_artifact
 
     hf = spm_dirs["llama2"]
     gguf = get_backend("gguf")
-    artifact = gguf.export(hf, tmp_path / "f16", "F16", progress=False)
+    artifact = gguf.export(hf, tmp_path / quant, quant, progress=False)  # llama-quantize keeps the tokenizer
     assert any("follows a special token gets a space before it in llama.cpp" in n
                for n in artifact.meta["notes"]), artifact.meta["notes"]
     (tmp_path / "text.txt").write_text(TEXT)
