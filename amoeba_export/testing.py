@@ -74,7 +74,7 @@ def tiny_sentencepiece_model(vocab_size: int = SPM_VOCAB) -> bytes:
 
 def tiny_sentencepiece_tokenizer(vocab_size: int = SPM_VOCAB, **kwargs):
     """transformers' LlamaTokenizer converted from :func:`tiny_sentencepiece_model`, adding BOS as Llama 2 and
-    Mistral do (``kwargs`` go to ``from_pretrained``, e.g. ``legacy=True``); returns (tokenizer, model bytes)."""
+    Mistral do (``kwargs`` go to ``from_pretrained``); returns (tokenizer, model bytes)."""
     import tempfile
 
     from transformers import LlamaTokenizer
