@@ -53,53 +53,32 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     from amoeba_export.backends.executorch.gptq import GPTQSettings
-    from amoeba_export.backends.executorch.module import StaticCacheLM
-    from amoeba_export.backends.executorch.recipes import CALIBRATION_SEQ_LEN, RECIPES, Calibration, apply_recipe
+    from amoeba_export.backends.executorch.recipes import RECIPES
     from amoeba_export.data import measurement_rows
     from amoeba_export.deploy.sizing import executorch_weight_bytes, subnet_tensors
+    from amoeba_export.evaluation.recipe_accuracy import measure, reference
     from amoeba_export.modelio import load_model, load_tokenizer
     from amoeba_export.resources import default_model_dir
     from amoeba_export.shape import ModelDims, Shape
 
     hf = default_model_dir()
     rows = measurement_rows("heldout", load_tokenizer(hf), 256, args.tokens).rows
-
-    def logits(module) -> torch.Tensor:
-        with torch.no_grad():
-            return torch.stack([module(r[None], torch.tensor([0]))[0].float() for r in rows])
-
-    def ppl(lg: torch.Tensor) -> float:
-        flat = lg[:, :-1].reshape(-1, lg.shape[-1])
-        return torch.nn.functional.cross_entropy(flat, rows[:, 1:].reshape(-1)).exp().item()
-
     model = load_model(hf)
     dims = ModelDims.from_config(model.config)
     tensors = subnet_tensors(dims, Shape.full(dims), compensate=False)
-    ref = logits(StaticCacheLM(model, 256, full_logits=True).eval())
-    ref_logp = torch.log_softmax(ref, -1)
+    ref = reference(model, rows)
     results = []
     print(f"{'recipe':<26} {'weights MB':>10} {'top1':>6} {'KL':>7} {'ppl ratio':>9}")
     wanted = set(args.only.split(";")) if args.only else None
     for name, recipe in variants().items():
         if wanted is not None and name not in wanted:
             continue
-        fresh = load_model(hf)
-        module = StaticCacheLM(fresh, 256, full_logits=True).eval()
-        calibration = None
-        if recipe.rounding == "gptq":
-            calib = measurement_rows("calibration", load_tokenizer(hf), CALIBRATION_SEQ_LEN, recipe.calibration_tokens)
-            settings = GPTQSettings(act_order="no act-order" not in name)
-            calibration = Calibration(fresh, calib.rows, calib.label(), settings)
-        with torch.no_grad():
-            apply_recipe(module, recipe, calibration=calibration)
-        q_logp = torch.log_softmax(logits(module), -1)
+        m = measure(hf, recipe, rows, ref=ref, gptq=GPTQSettings(act_order="no act-order" not in name))
         row = {"recipe": name, "keep_8bit": list(recipe.keep_8bit),
                # priced for shipped recipes only (sizing looks recipes up by name)
                "weight_mb": executorch_weight_bytes(tensors, recipe.name, tied=dims.tied_embeddings) / 1e6
                if RECIPES.get(recipe.name) == recipe else None,
-               "top1": (ref.argmax(-1) == q_logp.argmax(-1)).float().mean().item(),
-               "kl": (ref_logp.exp() * (ref_logp - q_logp)).sum(-1).mean().item(),
-               "ppl_ratio": ppl(q_logp) / ppl(ref)}
+               "top1": m["top1"], "kl": m["kl"], "ppl_ratio": m["ppl_ratio"]}
         results.append(row)
         mb = "-" if row["weight_mb"] is None else f"{row['weight_mb']:.1f}"
         print(f"{name:<26} {mb:>10} {row['top1']:6.3f} {row['kl']:7.4f} {row['ppl_ratio']:9.4f}", flush=True)
