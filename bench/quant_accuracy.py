@@ -4,14 +4,18 @@ Every row is one export of the same HF folder (default: the shipped SmolLM2-135M
 ``validate_artifact`` against the PyTorch model on held-out rows spread over the split (default 2,048 tokens in
 4 rows of 512): file size, perplexity ratio, mean KL(PyTorch ‖ artifact), top-1 agreement.
 
-    python bench/quant_accuracy.py [--model default] [--backends gguf,onnx] [--tokens 2048] [--threads 1] [--reuse]
+    python bench/quant_accuracy.py [--model default] [--backends gguf,onnx,executorch] [--tokens 2048]
+        [--threads 1] [--reuse]
 
 GGUF rows: Q4_0 and Q4_K_M with ``imatrix=off`` (round-to-nearest: llama.cpp's own scale search, no data) and
 ``imatrix=on`` (llama.cpp's importance matrix from 16,384 calibration tokens), Q8_0 as the 8-bit reference.
 ONNX rows: the shipped ``int4`` (MatMulNBits default RTN, block 32, embedding 4-bit), then blocks of 32 and 128
 with the embedding fp32 in each: RTN, HQQ (no data) and GPTQ (Hessians from 2,048 calibration tokens) through
-onnxruntime's ``MatMulNBitsQuantizer``. ExecuTorch calibrated 8da4w and ``--qat`` are not
-built yet: their RESULT keys are null with the reason. Ends with one ``RESULT {json}`` line.
+onnxruntime's ``MatMulNBitsQuantizer``. ExecuTorch rows: all-int4 ``8da4w`` and the phone recipe
+``8da4w-attn`` with torchao's rounding and with GPTQ (``-gptq``: same grids, codes re-rounded on 4,096
+calibration tokens), exported for one token per call (half the lowering; validation steps through each row).
+``et_phone_*`` report whichever of these rows is the android-8gb profile's recipe. ``qat`` is measured by
+bench/qat_gain.py (two fine-tunes). Ends with one ``RESULT {json}`` line.
 """
 
 from __future__ import annotations
@@ -29,6 +33,9 @@ from amoeba_export.evaluation.validate import validate_artifact
 from amoeba_export.identity import identity_or_none
 from amoeba_export.modelio import resolve_model
 from amoeba_export.paths import cache_subdir
+from amoeba_export.targets import load_profile
+
+PHONE_PROFILE = "android-8gb"
 
 
 @dataclass(frozen=True)
@@ -58,6 +65,12 @@ ROWS: tuple[Row, ...] = (
     Row("onnx", "int4-b128", "rtn", "int4-b128", {"quantize_embedding": False}),
     Row("onnx", "int4-b128", "hqq", "int4-hqq-b128"),
     Row("onnx", "int4-b128", "gptq", "int4-gptq-b128"),
+    # ExecuTorch: the same grids (HQQ int4 groups of 32, absmax int8 channels), torchao's rounding vs GPTQ's.
+    # One token per call (dynamic_shape=false): half the lowering, same weights and kernels; validation steps.
+    Row("executorch", "8da4w", "rtn", "8da4w", {"dynamic_shape": False}),
+    Row("executorch", "8da4w", "gptq", "8da4w-gptq", {"dynamic_shape": False}),
+    Row("executorch", "8da4w-attn", "rtn", "8da4w-attn", {"dynamic_shape": False}),
+    Row("executorch", "8da4w-attn", "gptq", "8da4w-attn-gptq", {"dynamic_shape": False}),
 )
 
 # RESULT key -> the row whose ppl ratio it reports (backend, scheme, method).
@@ -70,13 +83,12 @@ RESULT_ROWS: dict[str, tuple[str, str, str]] = {
     "onnx_int4_hqq_ppl_ratio": ("onnx", "int4-b32", "hqq"),
     "onnx_int4_gptq_ppl_ratio": ("onnx", "int4-b32", "gptq"),
     "onnx_int4_gptq_b128_ppl_ratio": ("onnx", "int4-b128", "gptq"),
+    "et_8da4w_ppl_ratio": ("executorch", "8da4w", "gptq"),
+    "et_8da4w_rtn_ppl_ratio": ("executorch", "8da4w", "rtn"),
 }
-# Keys of the issue that no row of this bench can fill yet, and why.
+# Keys of the issue that no row of this bench can fill, and why.
 NOT_BUILT: dict[str, str] = {
-    "et_8da4w_ppl_ratio": "ExecuTorch 8da4w with calibration (torchao GPTQ/HQQ/AWQ) is not built yet",
-    "et_phone_ppl_ratio": "the phone profile's recipe is unchanged until calibrated 8da4w exists",
-    "et_phone_mb": "the phone profile's recipe is unchanged until calibrated 8da4w exists",
-    "qat": "amoeba train --qat is not built yet",
+    "qat": "measured by bench/qat_gain.py (two fine-tunes of the same step budget)",
 }
 
 
@@ -99,7 +111,7 @@ def export_row(row: Row, hf_dir: Path, out: Path, *, reuse: bool, fp32_onnx: Pat
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="default", help="HF folder or 'default' (SmolLM2-135M)")
-    ap.add_argument("--backends", default="gguf,onnx", help="comma-separated: gguf, onnx")
+    ap.add_argument("--backends", default="gguf,onnx,executorch", help="comma-separated: gguf, onnx, executorch")
     ap.add_argument("--tokens", type=int, default=2048, help="held-out tokens validated (spread over the split)")
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--threads", type=int, default=1)
@@ -111,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     unknown = sorted(set(backends) - {r.backend for r in ROWS})
     if unknown:
-        print(f"error: unknown backend(s) {', '.join(unknown)} (this bench has rows for gguf, onnx)",
+        print(f"error: unknown backend(s) {', '.join(unknown)} (this bench has rows for gguf, onnx, executorch)",
               file=sys.stderr)
         return 2
     root = Path(args.out) if args.out else cache_subdir("bench", "quant_accuracy", hf_dir.name)
@@ -151,6 +163,14 @@ def main(argv: list[str] | None = None) -> int:
             out[key] = None
             reasons[key] = f"not run (--backends {args.backends})"
     out.update(dict.fromkeys(NOT_BUILT))
+    # The phone profile's default recipe, as shipped (targets/android-8gb.toml), read from its row.
+    phone = load_profile(PHONE_PROFILE).quant
+    phone_row = next((e for e in results if e["backend"] == "executorch" and e["quant"] == phone), None)
+    out["et_phone_recipe"] = phone
+    out["et_phone_ppl_ratio"] = phone_row and phone_row["ppl_ratio"]
+    out["et_phone_mb"] = phone_row and phone_row["mb"]
+    if phone_row is None:
+        reasons["et_phone_ppl_ratio"] = reasons["et_phone_mb"] = f"no row exports {phone!r} in this run"
     print("RESULT " + json.dumps({**out, "reasons": reasons, "model": hf_dir.name, "tokens": args.tokens,
                                   "seq_len": args.seq_len, "rows": results}))
     return 0

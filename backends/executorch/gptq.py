@@ -40,6 +40,18 @@ class GPTQSettings:
     damping: float = 0.01
     act_order: bool = True
     block: int = 128
+    # "static": torchao's grid from the original weights (what act-order needs); "updated": each int4 group's
+    # scales are re-fitted (torchao's HQQ) on the group's error-updated weights when its first column is reached,
+    # as the reference GPTQ does without act-order, so corrections never push a group off its grid's range.
+    groups: str = "static"
+
+    def __post_init__(self) -> None:
+        if self.groups not in ("static", "updated"):
+            raise BackendError(f"GPTQ groups must be static or updated, got {self.groups!r}",
+                               fix="supported are: static, updated")
+        if self.groups == "updated" and self.act_order:
+            raise BackendError("GPTQ with updated groups rounds columns in their own order (no act-order)",
+                               fix="pass act_order=False with groups='updated'")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -50,11 +62,12 @@ class _Stop(Exception):
 
 
 def gptq_qdata(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-               group: int, qmin: int, qmax: int, settings: GPTQSettings = GPTQSettings()) -> torch.Tensor:
-    """Integer codes ``[out, in]`` (int8) for ``weight`` ``[out, in]`` on the fixed grid ``scale``/``zero``
+               group: int, qmin: int, qmax: int, settings: GPTQSettings = GPTQSettings()
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer codes ``[out, in]`` (int8) and scales for ``weight`` ``[out, in]`` on the grid ``scale``/``zero``
     (``[out, in // group]``, torchao's affine convention ``w ≈ (q - zero) * scale``), rounded by GPTQ with the
-    input Hessian ``hessian`` ``[in, in]``. With a diagonal Hessian no error is fed forward and the result is
-    round-to-nearest on the same grid (tests check that it equals torchao's own codes)."""
+    input Hessian ``hessian`` ``[in, in]``. Static groups return ``scale`` unchanged; with a diagonal Hessian no
+    error is fed forward and the codes are round-to-nearest on the same grid (tests check: torchao's own)."""
     w = weight.detach().to(torch.float64).clone()
     h = hessian.detach().to(torch.float64).clone()
     n = w.shape[1]
@@ -80,6 +93,8 @@ def gptq_qdata(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor,
     # Codes are picked as torchao picks them (float32 product with the scale's reciprocal): a value on a tie
     # rounds the same way, so with nothing fed forward the codes are torchao's bit for bit.
     inv = (1.0 / scale.detach().float())[:, column_group]
+    regrid = settings.groups == "updated" and settings.block % group == 0 and qmax - qmin == 15
+    new_scale = scale.detach().clone()
     q = torch.zeros_like(w)
     for start in range(0, n, settings.block):
         stop = min(start + settings.block, n)
@@ -87,6 +102,11 @@ def gptq_qdata(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor,
         errors = torch.zeros_like(block)
         for i in range(stop - start):
             col = start + i
+            if regrid and col % group == 0:  # a group lies inside one block: its columns are all in `block`
+                fitted = _hqq_scale(block[:, i:i + group].float(), qmin, qmax)
+                new_scale[:, col // group] = fitted.to(new_scale.dtype)
+                s[:, col:col + group] = fitted.double()[:, None]
+                inv[:, col:col + group] = (1.0 / fitted.to(new_scale.dtype).float())[:, None]
             codes = torch.clamp(torch.round(block[:, i].float() * inv[:, col]).double() + z[:, col], qmin, qmax)
             q[:, col] = codes
             err = (block[:, i] - (codes - z[:, col]) * s[:, col]) / u[col, col]
@@ -95,7 +115,16 @@ def gptq_qdata(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor,
         w[:, stop:] -= errors @ u[start:stop, stop:]
     if settings.act_order:
         q = q[:, torch.argsort(order)]
-    return q.to(torch.int8)
+    return q.to(torch.int8), new_scale
+
+
+def _hqq_scale(group_weights: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """torchao's HQQ scale-only fit (what the recipes' int4 config runs) for one group ``[out, group]``."""
+    from torchao.quantization.quant_primitives import _choose_qparams_and_quantize_scale_only_hqq
+
+    _, fitted = _choose_qparams_and_quantize_scale_only_hqq(group_weights.contiguous(),
+                                                           [1, group_weights.shape[1]], qmin, qmax)
+    return fitted.reshape(-1)
 
 
 def _grid(weight) -> tuple[torch.Tensor, torch.Tensor, int, int, int]:
@@ -205,8 +234,10 @@ def gptq_model(model: nn.Module, full_precision: dict[nn.Linear, torch.Tensor], 
                 for linear in stage:
                     weight = linear.weight
                     scale, zero, group, qmin, qmax = _grid(weight)
-                    codes = gptq_qdata(full_precision[linear], h, scale, zero, group, qmin, qmax, settings)
+                    codes, fitted = gptq_qdata(full_precision[linear], h, scale, zero, group, qmin, qmax,
+                                               settings)
                     weight.qdata.copy_(codes)
+                    weight.scale.copy_(fitted)
                     solved += 1
             hidden = _run(layer, hidden, kwargs)
             if progress is not None:

@@ -33,7 +33,7 @@ def _solve(weight, hessian, qweight, **settings):
     from amoeba_export.backends.executorch.gptq import _grid
 
     scale, zero, group, qmin, qmax = _grid(qweight)
-    return gptq_qdata(weight, hessian, scale, zero, group, qmin, qmax, GPTQSettings(**settings))
+    return gptq_qdata(weight, hessian, scale, zero, group, qmin, qmax, GPTQSettings(**settings))[0]
 
 
 def _dequant(qweight, codes):
@@ -52,6 +52,21 @@ def test_diagonal_hessian_is_torchaos_own_rounding(scheme, group, act_order):
     q = _torchao_weight(w, scheme, group)
     codes = _solve(w, torch.diag(torch.rand(96) + 0.5), q, act_order=act_order, damping=0.0)
     assert torch.equal(codes, q.qdata)
+
+
+def test_updated_groups_with_a_diagonal_hessian_refit_torchaos_own_scales():
+    """Re-fitting each group on its (un-updated) weights must give back torchao's HQQ scales and codes."""
+    from amoeba_export.backends.executorch.gptq import _grid
+
+    torch.manual_seed(1)
+    w = torch.randn(40, 128)
+    q = _torchao_weight(w, "8da4w", 32)
+    scale, zero, group, qmin, qmax = _grid(q)
+    codes, fitted = gptq_qdata(w, torch.diag(torch.rand(128) + 0.5), scale, zero, group, qmin, qmax,
+                               GPTQSettings(act_order=False, groups="updated", damping=0.0))
+    assert torch.equal(fitted, q.scale) and torch.equal(codes, q.qdata)
+    with pytest.raises(BackendError, match="no act-order"):
+        GPTQSettings(groups="updated")
 
 
 def test_gptq_beats_round_to_nearest_on_outlier_channels():
