@@ -85,6 +85,32 @@ def test_crash_leaves_no_complete_looking_folder(tmp_path):
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("fraction", [0.6, 0.95])
+def test_pick_for_params_matches_one_forward_per_row(tiny_plan_dir, monkeypatch, fraction):
+    """The pick runs all calibration rows in one forward per candidate and measures a shape that both width
+    modes give once (0.95: the shallow depths fit at full width); it picks what the ranking before either did —
+    one forward per row, every candidate measured — with the same calibration perplexity."""
+    import amoeba_export.plan.select as select
+    from amoeba_export.data import measurement_rows
+    from amoeba_export.extract import pick_for_params
+    from amoeba_export.modelio import load_tokenizer
+    from amoeba_export.plan.plan import WIDTH_MODES
+
+    elastic, plan = load_elastic(tiny_plan_dir, depth_maps=False)
+    budget = int(plan.params_for(plan.full_shape()) * fraction)
+    fast = pick_for_params(elastic, plan, budget, stride=1)
+    candidates = [s for m in WIDTH_MODES for s in sorted(plan.shapes_for_params(budget, m), key=lambda s: s.depth)]
+    rows = measurement_rows("calibration", load_tokenizer(plan.model_dir), 256, 512).rows
+    monkeypatch.setattr(select, "RANK_BATCH_TOKENS", 1)  # one row per forward
+    slow_ppl, slow = select.rank_shapes(elastic, candidates, rows)[0]
+    pick = fast.meta["pick"]
+    assert fast.name == slow.name and pick["calibration_ppl"] == pytest.approx(slow_ppl, rel=1e-5)
+    assert pick["ranked"] == len(candidates)
+    assert pick["measured"] == len({(s.layers, s.q_heads, s.kv_heads, s.mlp) for s in candidates})
+    if fraction > 0.9:
+        assert pick["measured"] < pick["ranked"]
+
+
 def test_pick_for_params_coarse_to_fine(tiny_plan_dir):
     """stride 1 ranks every candidate and returns the best; a coarser stride ranks fewer and returns the best of
     those it ranked, saying how many."""

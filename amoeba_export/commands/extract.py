@@ -68,11 +68,19 @@ def run(args: argparse.Namespace) -> int:
     pick = meta["shape"].get("meta", {}).get("pick")
     if pick:
         print(f"  picked by calibration perplexity {pick['calibration_ppl']:.2f} ({pick['calibration_tokens']:,} "
-              f"tokens): ranked {pick['ranked']} of {pick['candidates']} candidate shapes in {pick['seconds']:.1f} s")
+              f"tokens): ranked {pick['ranked']} of {pick['candidates']} candidate shapes"
+              f"{_measured(pick)} in {pick['seconds']:.1f} s")
     if meta.get("not_stock_because"):
         print(f"  amoeba_llama (loads with trust_remote_code; model code travels in the folder) because "
               f"{meta['not_stock_because']}")
     return 0
+
+
+def _measured(pick: dict) -> str:
+    """How many distinct shapes the ranking ran, when fewer than it ranked (both width modes can give one shape;
+    meta from before it was recorded says nothing)."""
+    n = pick.get("measured", pick["ranked"])
+    return f" ({n} distinct)" if n < pick["ranked"] else ""
 
 
 def _params(args: argparse.Namespace) -> int | None:

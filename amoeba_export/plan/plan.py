@@ -140,8 +140,6 @@ class Plan:
         attn_cost, mlp_cost = self.unit_costs()
         min_mlp = min(r, inter)
         budget = width * len(layers) * (n_units * attn_cost + inter * mlp_cost)
-        attn_keep = {layer: 1 for layer in layers}
-        mlp_keep = {layer: min_mlp for layer in layers}
         used = len(layers) * (attn_cost + min_mlp * mlp_cost)
         scores, kinds, owners = [], [], []
         for layer in layers:
@@ -151,19 +149,19 @@ class Plan:
             owners += [torch.full((n_units - 1,), layer), torch.full((inter - min_mlp,), layer)]
         score, is_mlp, owner = torch.cat(scores), torch.cat(kinds), torch.cat(owners)
         order = torch.sort(score, descending=True, stable=True).indices
-        for idx in order.tolist():
-            cost = mlp_cost if is_mlp[idx] else attn_cost
-            if used + cost > budget:
-                break
-            used += cost
-            if is_mlp[idx]:
-                mlp_keep[int(owner[idx])] += 1
-            else:
-                attn_keep[int(owner[idx])] += 1
+        # Greedy in score order, stopping at the first unit that no longer fits: every cost is positive, so the
+        # kept units are the prefix whose running total stays within the budget. Vectorised (integer sums, so
+        # the comparison is exact): a Python loop over every channel took ~45 ms a call, and choosing shapes
+        # for a parameter budget bisects the width of each depth (~250 calls on SmolLM2-135M).
+        costs = torch.where(is_mlp[order], mlp_cost, attn_cost).to(torch.int64)
+        kept = order[: int((used + costs.cumsum(0) <= math.floor(budget)).sum())]
+        n = self.dims.num_layers
+        attn_keep = 1 + torch.bincount(owner[kept][~is_mlp[kept]], minlength=n)
+        mlp_keep = min_mlp + torch.bincount(owner[kept][is_mlp[kept]], minlength=n)
         out = []
         for layer in layers:
-            q, kv = self._heads_for_units(attn_keep[layer])
-            out.append((q, kv, self._round_mlp(mlp_keep[layer], r)))
+            q, kv = self._heads_for_units(int(attn_keep[layer]))
+            out.append((q, kv, self._round_mlp(int(mlp_keep[layer]), r)))
         return out
 
     def compensation_mode(self, compensate: str | bool | None = None) -> str:

@@ -89,14 +89,17 @@ def solve_refit(mean: torch.Tensor, covariance: torch.Tensor, kept: int, *, ridg
     n = covariance.shape[0]
     if kept >= n:
         return ChannelRefit(None, None)
-    cov = covariance.double()
+    # Only Σ_{S·} enters the solve: converting just those rows to float64 (not the whole n × n matrix) saves a
+    # copy per solve, and choosing a shape for a budget solves every narrowed layer of every candidate
+    cov = covariance[:kept].double()
     mu = mean.double()
-    s_s = cov[:kept, :kept]
+    s_s = cov[:, :kept].clone()
     lam = ridge * float(s_s.diagonal().mean().clamp_min(1e-12))
-    chol = torch.linalg.cholesky(s_s + lam * torch.eye(kept, dtype=cov.dtype))
+    s_s.diagonal().add_(lam)  # Σ_SS + λI, without building the identity
+    chol = torch.linalg.cholesky(s_s)
     # (Σ_SS + λI) Pᵀ = Σ_{S·}  →  Pᵀ by one Cholesky solve (Σ is symmetric, so Σ_{S·} = Σ_{·S}ᵀ); measured faster
     # on CPU than forming the inverse (torch.cholesky_inverse is ≈ 20× slower at 768 × 768)
-    p = torch.cholesky_solve(cov[:kept, :], chol).T.contiguous()
+    p = torch.cholesky_solve(cov, chol).T.contiguous()
     offset = mu - p @ mu[:kept]
     return ChannelRefit(p.float(), offset.float())
 

@@ -118,3 +118,33 @@ def test_plan_with_multiple_choice_depth_metric(tiny_dir, tiny_calibration, monk
     assert plan.stats["dp_metric"] == "mc:toy"
     assert all(0.0 <= v <= 1.0 for v in plan.stats["dp_calibration_loss"].values())
     assert sorted(plan.depth_table) == list(range(n - len(plan.stats["dp_calibration_loss"]) + 1, n + 1))
+
+
+def _greedy_widths(plan, layers, width, r):
+    """The global allocation as a plain loop, one unit at a time (the specification _global_widths vectorises):
+    every kept layer starts with one attention unit and ``min(r, intermediate)`` MLP channels; the others are
+    taken best score first until the first that no longer fits the width budget."""
+    (attn_cost, mlp_cost), inter, units = plan.unit_costs(), plan.dims.intermediate_size, plan._units()
+    floor = min(r, inter)
+    keep = {layer: [1, floor] for layer in layers}  # [attention units, MLP channels]
+    room = width * len(layers) * (units * attn_cost + inter * mlp_cost) - len(layers) * (attn_cost + floor * mlp_cost)
+    pool = []
+    for layer in layers:
+        rk = plan.rankings[layer]
+        pool += [(float(s), 0, attn_cost, layer) for s in rk.attn_scores[1:]]
+        pool += [(float(s), 1, mlp_cost, layer) for s in rk.mlp_scores[floor:]]
+    for _, kind, cost, layer in sorted(pool, key=lambda u: -u[0]):  # stable, like torch.sort(stable=True)
+        if cost > room:
+            break
+        room -= cost
+        keep[layer][kind] += 1
+    return [(*plan._heads_for_units(keep[layer][0]), plan._round_mlp(keep[layer][1], r)) for layer in layers]
+
+
+@pytest.mark.parametrize("round_to", [1, 8])
+def test_global_widths_match_greedy_loop(tiny_plan_dir, round_to):
+    plan = Plan.load(tiny_plan_dir)
+    for depth in plan.depths:
+        layers = plan.depth_table[depth]
+        for width in (0.05, 0.2, 0.37, 0.5, 0.61, 0.8, 0.95, 0.999):
+            assert plan._global_widths(layers, width, round_to) == _greedy_widths(plan, layers, width, round_to)
