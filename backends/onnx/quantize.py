@@ -265,6 +265,11 @@ def _nbits(model, dst: Path | None, recipe: QuantRecipe, exclude: list[str], ext
         upstream, weight_only.gptq = weight_only.gptq, gptq_rows
         try:
             quantizer.process()
+        except ValueError as exc:
+            # Measured on SmolLM2-135M with block 128: onnxruntime 1.32's GPTQ packer cannot lay out the zero
+            # points of a 576-wide input (4.5 blocks, padded to 5): "cannot reshape array of size 1440".
+            raise BackendError(f"onnxruntime's GPTQ could not pack a {recipe.block_size}-block MatMul of this "
+                               f"model ({exc})", fix="use int4-gptq (block 32) or int4-hqq-b128") from exc
         finally:
             weight_only.gptq = upstream
     else:

@@ -74,6 +74,15 @@ def mean_kl(onnx, artifact, rows, ref) -> float:
     return total / count
 
 
+def _bits(artifact, names: tuple[str, ...]) -> set[int]:
+    """The ``bits`` of every MatMulNBits node whose name contains one of ``names``."""
+    import onnx as onnx_lib
+
+    graph = onnx_lib.load(str(artifact.path / artifact.meta["model_file"]), load_external_data=False).graph
+    return {a.i for n in graph.node if n.op_type == "MatMulNBits" and any(k in n.name for k in names)
+            for a in n.attribute if a.name == "bits"}
+
+
 @pytest.mark.parametrize("block", [32, 128])
 def test_gptq_and_hqq_beat_round_to_nearest_on_outlier_channels(onnx, exported, block):
     hf, root, fp32, rows, ref = exported
@@ -85,6 +94,8 @@ def test_gptq_and_hqq_beat_round_to_nearest_on_outlier_channels(onnx, exported, 
         kl = mean_kl(onnx, art, rows, ref)
         print(f"block {block}: mean KL vs fp32 RTN {kl_rtn:.4g}, {algorithm} {kl:.4g}")
         assert kl < KL_CUT[algorithm] * kl_rtn, algorithm
+        # the recipe's 8-bit MatMuls stay 8-bit (onnxruntime's GPTQ ignores nodes_to_exclude unless told)
+        assert _bits(art, ("down_proj", "lm_head")) == {8}, algorithm
         if algorithm == "gptq":
             cal = art.meta["graph"]["calibration"]
             assert cal["tokens"] == 2048 and "calibration split" in cal["text"]
