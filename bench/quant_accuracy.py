@@ -29,6 +29,7 @@ from pathlib import Path
 
 from amoeba_export.backends import get_backend
 from amoeba_export.backends.base import Artifact
+from amoeba_export.errors import AmoebaError
 from amoeba_export.evaluation.validate import validate_artifact
 from amoeba_export.identity import identity_or_none
 from amoeba_export.modelio import resolve_model
@@ -142,8 +143,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{hf_dir.name}: validation on {args.tokens:,} held-out tokens in rows of {args.seq_len}", flush=True)
     print(header, flush=True)
     for row in (r for r in ROWS if r.backend in backends):
-        art, seconds = export_row(row, hf_dir, root / row.name, reuse=args.reuse, fp32_onnx=fp32_onnx,
-                                  threads=args.threads)
+        try:
+            art, seconds = export_row(row, hf_dir, root / row.name, reuse=args.reuse, fp32_onnx=fp32_onnx,
+                                      threads=args.threads)
+        except AmoebaError as exc:  # one type that cannot export this model is a row, not the end of the run
+            results.append({"backend": row.backend, "scheme": row.scheme, "method": row.method, "quant": row.quant,
+                            "error": str(exc)})
+            print(f"{row.backend:<8}{row.scheme:<9}{row.method:<9}  error: {exc}", flush=True)
+            continue
         report = validate_artifact(art.path, hf_dir, max_tokens=args.tokens, seq_len=args.seq_len,
                                    raise_on_fail=False, threads=args.threads, progress=False)
         m = report.metrics
@@ -156,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         results.append(entry)
         print(f"{row.backend:<8}{row.scheme:<9}{row.method:<9}{entry['mb']:>8.1f}{entry['ppl_ratio']:>11.4f}"
               f"{entry['mean_kl']:>10.4f}{entry['top1']:>8.3f}{entry['export_seconds']:>10.1f}", flush=True)
-    found = {(e["backend"], e["scheme"], e["method"]): e for e in results}
+    found = {(e["backend"], e["scheme"], e["method"]): e for e in results if "error" not in e}
     out: dict = {}
     reasons: dict[str, str] = dict(NOT_BUILT)
     for key, where in RESULT_ROWS.items():
@@ -168,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     out.update(dict.fromkeys(NOT_BUILT))
     # The phone profile's default recipe, as shipped (targets/android-8gb.toml), read from its row.
     phone = load_profile(PHONE_PROFILE).quant
-    phone_row = next((e for e in results if e["backend"] == "executorch" and e["quant"] == phone), None)
+    phone_row = next((e for e in found.values() if e["backend"] == "executorch" and e["quant"] == phone), None)
     out["et_phone_recipe"] = phone
     out["et_phone_ppl_ratio"] = phone_row and phone_row["ppl_ratio"]
     out["et_phone_mb"] = phone_row and phone_row["mb"]
