@@ -26,7 +26,7 @@ def test_shipped_profiles_cover_the_required_devices():
     names = set(shipped_names())
     assert {"android-8gb", "small-phone", "laptop", "raspberry-pi-5", "desktop-cpu"} <= names
     by = {p.name: p for p in shipped_profiles()}
-    assert (by["android-8gb"].backend, by["android-8gb"].quant) == ("executorch", "8da4w-attn")
+    assert (by["android-8gb"].backend, by["android-8gb"].quant) == ("executorch", "8da4w-attn-gptq")
     assert (by["laptop"].backend, by["laptop"].quant) == ("gguf", "Q4_K_M")
     assert (by["raspberry-pi-5"].quant, by["raspberry-pi-5"].threads) == ("Q4_0", 4)
     assert by["desktop-cpu"].backend == "onnx" and by["desktop-cpu"].quant in ("int8", "int4")
