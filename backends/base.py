@@ -162,6 +162,11 @@ class Backend(ABC):
         profile's ``[export]`` table fails on load, not after minutes of work. Subclasses list their options."""
         return [f"unknown {self.name} export option {k!r} (this backend takes none)" for k in sorted(options)]
 
+    def speed_twin(self, quant: str, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """A quant type and options whose files have the same size and kernels as ``quant`` with ``options`` and
+        export cheaper — what a speed calibration may export instead (e.g. without a calibrated rounding pass)."""
+        return quant, options
+
     def check_quant(self, quant: str) -> str:
         canonical = {q.lower(): q for q in self.quant_types}
         if quant.lower() not in canonical:

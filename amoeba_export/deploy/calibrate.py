@@ -129,7 +129,10 @@ def calibrate(elastic, plan, shapes: list[Shape], *, source_id: str, backend: st
         if prepare is not None:
             prepare(shape)
         hf = write_subnet(elastic, shape, work / f"{i}-hf", source_dir=plan.model_dir)
-        artifact = engine.export(hf, work / f"{i}-art", quant, **export_options)
+        # Speed and size only: a calibrated type's twin has the same file layout and kernels, minus its
+        # calibration pass (ExecuTorch GPTQ ≈ 1 min, a GGUF importance matrix ≈ 1 min per subnet).
+        twin, twin_options = engine.speed_twin(quant, export_options)
+        artifact = engine.export(hf, work / f"{i}-art", twin, **twin_options)
         bench = bench_artifact(artifact.path, threads=threads, prompt_tokens=16, new_tokens=bench_tokens,
                                repeats=repeats, bandwidth=bandwidth, progress=False)
         points.append(Point(shape.name, int(weight_fn(shape)), int(artifact.size_bytes),

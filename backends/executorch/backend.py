@@ -40,7 +40,7 @@ from amoeba_export.errors import BackendError, CheckpointError
 from ..base import Artifact, Backend, Runner
 from ..meta import copy_tokenizer, export_meta, peak_rss_gb, tool_versions
 from .module import ATTENTION, DEFAULT_ATTENTION, attention_kind, load_custom_ops
-from .recipes import CALIBRATION_SEQ_LEN, RECIPES, Calibration, apply_recipe, get_recipe
+from .recipes import CALIBRATION_SEQ_LEN, RECIPES, Calibration, apply_recipe, get_recipe, rtn_twin
 
 MODEL_FILE = "model.pte"
 DEFAULT_MAX_CONTEXT = 512  # the validator's default row length; the cache costs layers*2*kv*ctx*head_dim floats
@@ -285,6 +285,10 @@ class ExecuTorchBackend(Backend):
                 else "cumulative (this kernel does not reset VmHWM)")
             write_meta(tmp, meta)
         return Artifact.open(out_dir)
+
+    def speed_twin(self, quant: str, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """The recipe's round-to-nearest twin: GPTQ changes codes only, never sizes, grids or kernels."""
+        return rtn_twin(get_recipe(self.check_quant(quant))).name, options
 
     def option_problems(self, quant: str, options: dict[str, Any]) -> list[str]:
         out = [f"unknown ExecuTorch export option {k!r} (supported are: {', '.join(EXPORT_OPTIONS)})"

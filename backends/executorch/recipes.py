@@ -87,6 +87,16 @@ def get_recipe(name: str) -> Recipe:
     return recipe
 
 
+def rtn_twin(recipe: Recipe) -> Recipe:
+    """The shipped recipe with ``recipe``'s grids and torchao's rounding (``recipe`` itself when it is one)."""
+    if recipe.rounding == "rtn":
+        return recipe
+    same = [r for r in RECIPES.values() if r.rounding == "rtn" and not r.broken and
+            (r.linear, r.head, r.embedding, r.group_size, r.keep_8bit) ==
+            (recipe.linear, recipe.head, recipe.embedding, recipe.group_size, recipe.keep_8bit)]
+    return same[0] if same else recipe
+
+
 def _fallback_group(in_features: int, group: int) -> int | None:
     """The largest multiple of 32 below ``group`` that divides ``in_features`` (None if there is none)."""
     for g in range(group - GROUP_MULTIPLE, GROUP_MULTIPLE - 1, -GROUP_MULTIPLE):

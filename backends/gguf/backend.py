@@ -34,6 +34,10 @@ class GGUFBackend(Backend):
     quant_types = (*UNQUANTIZED, *QUANT_TYPES)
     default_quant = "Q4_K_M"
 
+    def speed_twin(self, quant: str, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """Without the importance matrix: it steers rounding only, the tensor types (sizes, kernels) are the same."""
+        return quant, {**options, "imatrix": "off"}
+
     def export(self, hf_dir: Path, out_dir: Path, quant: str = "Q4_K_M", *, force: bool = False,
                **options: Any) -> Artifact:
         """Options: ``pre_tokenizer`` (llama.cpp name, when the tokenizer is not in pretokenizers.json),

@@ -157,3 +157,21 @@ def test_exported_gptq_program_matches_eager(tiny_dir, tmp_path):
     assert np.abs(got - ref).max() <= 0.06 * np.abs(ref).max()
     assert art.meta["rounding"]["method"] == "gptq" and art.meta["rounding"]["linears"] == 14
     assert art.meta["recipe"]["rounding"] == "gptq"
+
+
+@pytest.mark.parametrize(("quant", "twin"), [("8da4w-gptq", "8da4w"), ("8da4w-attn-gptq", "8da4w-attn"),
+                                             ("8da4w-attn", "8da4w-attn"), ("fp32", "fp32")])
+def test_speed_calibration_exports_the_round_to_nearest_twin(quant, twin):
+    """The deploy search times subnets without the GPTQ pass: the twin has the same grids, so the same bytes and
+    kernels (sizing prices both alike); only the codes differ."""
+    from dataclasses import asdict
+
+    from amoeba_export.backends.executorch.recipes import RECIPES
+
+    assert get_backend("executorch").speed_twin(quant, {"max_context": 64}) == (twin, {"max_context": 64})
+    differs = {k for k, v in asdict(RECIPES[quant]).items() if asdict(RECIPES[twin])[k] != v}
+    assert differs <= {"name", "description", "rounding", "calibration_tokens"}
+
+
+def test_gguf_speed_calibration_skips_the_importance_matrix():
+    assert get_backend("gguf").speed_twin("Q4_K_M", {"threads": 2}) == ("Q4_K_M", {"threads": 2, "imatrix": "off"})
