@@ -120,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--reuse", action="store_true", help="keep artifacts already exported from this model")
+    ap.add_argument("--rows", help="comma-separated row names to run (e.g. onnx-int4-b32-rtn-a0); default: all")
     ap.add_argument("--out", default=None, help="artifact folder (default: the cache's bench/quant_accuracy)")
     args = ap.parse_args(argv)
 
@@ -142,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{'export s':>10}")
     print(f"{hf_dir.name}: validation on {args.tokens:,} held-out tokens in rows of {args.seq_len}", flush=True)
     print(header, flush=True)
-    for row in (r for r in ROWS if r.backend in backends):
+    wanted = set(args.rows.split(",")) if args.rows else None
+    for row in (r for r in ROWS if r.backend in backends and (wanted is None or r.name in wanted)):
         try:
             art, seconds = export_row(row, hf_dir, root / row.name, reuse=args.reuse, fp32_onnx=fp32_onnx,
                                       threads=args.threads)
