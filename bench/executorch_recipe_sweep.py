@@ -22,10 +22,12 @@ ATTN_QKO = ("v_proj", "gate_proj", "up_proj", "down_proj")  # kept 8-bit by 8da4
 
 
 def variants():
+    """name -> (recipe, GPTQ settings): the settings matter only to the GPTQ recipes (None: the shipped ones)."""
+    from amoeba_export.backends.executorch.gptq import GPTQSettings
     from amoeba_export.backends.executorch.recipes import RECIPES
 
-    base = RECIPES["8da4w"]
-    return {
+    base, gptq = RECIPES["8da4w"], RECIPES["8da4w-gptq"]
+    plain = {
         "8da4w-head4": RECIPES["8da4w-head4"],
         "8da4w": base,
         "8da4w + down 8-bit": dataclasses.replace(base, keep_8bit=("down_proj",)),
@@ -35,12 +37,22 @@ def variants():
         "q,k int4 only": dataclasses.replace(base, keep_8bit=ATTN_QKO + ("o_proj",)),
         "8da8w": RECIPES["8da8w"],
         # GPTQ rounding on the same grids (calibration split, never the held-out rows measured here)
-        "8da4w-gptq": RECIPES["8da4w-gptq"],
-        "8da4w-gptq + down 8-bit": dataclasses.replace(RECIPES["8da4w-gptq"], keep_8bit=("down_proj",)),
+        "8da4w-gptq": gptq,
+        "8da4w-gptq + down 8-bit": dataclasses.replace(gptq, keep_8bit=("down_proj",)),
         "8da4w-attn-gptq": RECIPES["8da4w-attn-gptq"],
-        "8da4w-gptq, no act-order": RECIPES["8da4w-gptq"],
-        "8da4w-gptq, 16,384 tokens": dataclasses.replace(RECIPES["8da4w-gptq"], calibration_tokens=16384),
     }
+    out = {name: (recipe, None) for name, recipe in plain.items()}
+    out["8da4w-gptq, 16,384 tokens"] = (dataclasses.replace(gptq, calibration_tokens=16384),
+                                        GPTQSettings(damping=0.01))
+    # what chose the shipped GPTQ settings (gptq.py's module doc and GPTQSettings quote these rows)
+    for damping in (0.01, 0.3, 1.0):
+        out[f"8da4w-gptq, damping {damping}"] = (gptq, GPTQSettings(damping=damping))
+    for damping in (0.01, 0.3):
+        out[f"8da4w-attn-gptq, damping {damping}"] = (RECIPES["8da4w-attn-gptq"], GPTQSettings(damping=damping))
+    # at the damping (0.01) these were measured with, as gptq.py quotes them
+    out["8da4w-gptq, no act-order"] = (gptq, GPTQSettings(damping=0.01, act_order=False))
+    out["8da4w-gptq, updated groups"] = (gptq, GPTQSettings(damping=0.01, act_order=False, groups="updated"))
+    return out
 
 
 def main() -> None:
@@ -52,7 +64,6 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from amoeba_export.backends.executorch.gptq import GPTQSettings
     from amoeba_export.backends.executorch.recipes import RECIPES
     from amoeba_export.data import measurement_rows
     from amoeba_export.deploy.sizing import executorch_weight_bytes, subnet_tensors
@@ -68,12 +79,12 @@ def main() -> None:
     tensors = subnet_tensors(dims, Shape.full(dims), compensate=False)
     ref = reference(model, rows)
     results = []
-    print(f"{'recipe':<26} {'weights MB':>10} {'top1':>6} {'KL':>7} {'ppl ratio':>9}")
+    print(f"{'recipe':<32} {'weights MB':>10} {'top1':>6} {'KL':>7} {'ppl ratio':>9}")
     wanted = set(args.only.split(";")) if args.only else None
-    for name, recipe in variants().items():
+    for name, (recipe, settings) in variants().items():
         if wanted is not None and name not in wanted:
             continue
-        m = measure(hf, recipe, rows, ref=ref, gptq=GPTQSettings(act_order="no act-order" not in name))
+        m = measure(hf, recipe, rows, ref=ref, gptq=settings)
         row = {"recipe": name, "keep_8bit": list(recipe.keep_8bit),
                # priced for shipped recipes only (sizing looks recipes up by name)
                "weight_mb": executorch_weight_bytes(tensors, recipe.name, tied=dims.tied_embeddings) / 1e6
@@ -81,7 +92,7 @@ def main() -> None:
                "top1": m["top1"], "kl": m["kl"], "ppl_ratio": m["ppl_ratio"]}
         results.append(row)
         mb = "-" if row["weight_mb"] is None else f"{row['weight_mb']:.1f}"
-        print(f"{name:<26} {mb:>10} {row['top1']:6.3f} {row['kl']:7.4f} {row['ppl_ratio']:9.4f}", flush=True)
+        print(f"{name:<32} {mb:>10} {row['top1']:6.3f} {row['kl']:7.4f} {row['ppl_ratio']:9.4f}", flush=True)
     print("RESULT " + json.dumps({"model": "SmolLM2-135M-Instruct", "tokens": int(rows.numel()),
                                   "threads": torch.get_num_threads(), "recipes": results}))
 

@@ -83,20 +83,14 @@ def measure(folder: str | Path, recipe, rows: torch.Tensor, *, ref: Reference | 
     A ``gptq`` recipe rounds on ``recipe.calibration_tokens`` tokens of the calibration split in rows of the
     validator's length (never the held-out rows), with ``gptq`` (``GPTQSettings``; None: the defaults).
     Returns :func:`compare`'s dict."""
-    from amoeba_export.backends.executorch.gptq import GPTQSettings
-    from amoeba_export.backends.executorch.recipes import CALIBRATION_SEQ_LEN, Calibration, apply_recipe, get_recipe
-    from amoeba_export.data import measurement_rows
-    from amoeba_export.modelio import load_model, load_tokenizer
+    from amoeba_export.backends.executorch.recipes import apply_recipe, calibration_for, get_recipe
+    from amoeba_export.modelio import load_model
 
     recipe = get_recipe(recipe) if isinstance(recipe, str) else recipe
     if ref is None:
         ref = reference(load_model(folder), rows, progress=progress)
     fresh = load_model(folder)
     module = static_module(fresh, rows)
-    calibration = None
-    if recipe.rounding == "gptq":
-        calib = measurement_rows("calibration", load_tokenizer(folder), CALIBRATION_SEQ_LEN, recipe.calibration_tokens)
-        calibration = Calibration(fresh, calib.rows, calib.label(), gptq or GPTQSettings())
     with torch.no_grad():
-        apply_recipe(module, recipe, calibration=calibration)
+        apply_recipe(module, recipe, calibration=calibration_for(folder, fresh, recipe, gptq))
     return compare(ref, static_logits(module, rows, progress=progress, desc=recipe.name))

@@ -40,7 +40,7 @@ from amoeba_export.errors import BackendError, CheckpointError
 from ..base import Artifact, Backend, Runner
 from ..meta import copy_tokenizer, export_meta, peak_rss_gb, tool_versions
 from .module import ATTENTION, DEFAULT_ATTENTION, attention_kind, load_custom_ops
-from .recipes import CALIBRATION_SEQ_LEN, RECIPES, Calibration, apply_recipe, get_recipe, rtn_twin
+from .recipes import RECIPES, apply_recipe, calibration_for, get_recipe, rtn_twin
 
 MODEL_FILE = "model.pte"
 DEFAULT_MAX_CONTEXT = 512  # the validator's default row length; the cache costs layers*2*kv*ctx*head_dim floats
@@ -214,17 +214,6 @@ class ExecuTorchRunner(Runner):
         self.method = self._full = self.program = None
 
 
-def _calibration(hf_dir: Path, model, recipe) -> Calibration | None:
-    """Calibration rows for a recipe that rounds with GPTQ (spread over the calibration split), else None."""
-    if recipe.rounding != "gptq":
-        return None
-    from amoeba_export.data import measurement_rows
-    from amoeba_export.modelio import load_tokenizer
-
-    rows = measurement_rows("calibration", load_tokenizer(hf_dir), CALIBRATION_SEQ_LEN, recipe.calibration_tokens)
-    return Calibration(model, rows.rows, rows.label())
-
-
 class ExecuTorchBackend(Backend):
     name = "executorch"
     extra = "executorch"
@@ -324,7 +313,7 @@ class ExecuTorchBackend(Backend):
         # Quantized before torch.export (as ExecuTorch's export_llm does): the graph is traced once with the
         # quantized weights, and both methods share them.
         with clock.stage("quantize"), torch.no_grad():
-            calibration = _calibration(hf_dir, model, recipe)
+            calibration = calibration_for(hf_dir, model, recipe)
             notes, rounding = apply_recipe(module, recipe, group_fallback=group_fallback, calibration=calibration)
         stages.update()
         tied = bool(getattr(model.config, "tie_word_embeddings", False))

@@ -22,11 +22,10 @@ What was measured on SmolLM2-135M (torchao eager, 1,024 held-out tokens, all-int
 round-to-nearest 1.341; damping 0.01 unless stated): act-order is what makes GPTQ work here — without it the
 codes are *worse* than round-to-nearest (1.460 on torchao's HQQ grid, 1.428 with HQQ scales re-fitted per
 updated group, the reference's own order) — plausibly because the error fed forward lands on the few massive input
-channels small LLMs have; rounding those columns first gives 1.241 (1.221 at the default damping 0.1). The grid
-matters as much: GPTQ on plain absmax scales reaches only 1.424 (HQQ's scales clip the group extremes, which is
-what int4 needs). More calibration text does not help (16,384 tokens: 1.245 vs 1.241 at 4,096). The lm_head
-(8-bit in every recipe) keeps torchao's rounding: its 8-bit error is small and its 49,152-row solve would cost
-more than the rest together.
+channels small LLMs have; rounding those columns first gives 1.241 (1.221 at the default damping 0.1). More
+calibration text does not help (16,384 tokens: 1.245 vs 1.241 at 4,096). Rerun: bench/executorch_recipe_sweep.py
+(its GPTQ rows). The lm_head (8-bit in every recipe) keeps torchao's rounding: its 8-bit error is small and its
+49,152-row solve would cost more than the rest together.
 """
 
 from __future__ import annotations

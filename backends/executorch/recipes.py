@@ -163,6 +163,19 @@ class Calibration:
     settings: GPTQSettings = GPTQSettings()
 
 
+def calibration_for(hf_dir, model: nn.Module, recipe: Recipe, settings: GPTQSettings | None = None
+                    ) -> Calibration | None:
+    """What a GPTQ recipe rounds with: ``recipe.calibration_tokens`` of the calibration split in rows spread over
+    it (never held-out text), for ``model`` loaded from ``hf_dir``; None for a round-to-nearest recipe."""
+    if recipe.rounding != "gptq":
+        return None
+    from amoeba_export.data import measurement_rows
+    from amoeba_export.modelio import load_tokenizer
+
+    rows = measurement_rows("calibration", load_tokenizer(hf_dir), CALIBRATION_SEQ_LEN, recipe.calibration_tokens)
+    return Calibration(model, rows.rows, rows.label(), settings or GPTQSettings())
+
+
 def apply_recipe(module: nn.Module, recipe: Recipe, *, group_fallback: bool = True,
                  calibration: Calibration | None = None) -> tuple[list[str], dict | None]:
     """Quantize ``module`` (a StaticCacheLM) in place; returns notes for meta.json and, for a ``gptq`` recipe,

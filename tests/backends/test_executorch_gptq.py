@@ -107,16 +107,15 @@ def tiny_dir(tmp_path_factory):
 
 
 def _calibrated_module(hf_dir, recipe_name):
-    from amoeba_export.backends.executorch.backend import _calibration
     from amoeba_export.backends.executorch.module import StaticCacheLM
-    from amoeba_export.backends.executorch.recipes import apply_recipe, get_recipe
+    from amoeba_export.backends.executorch.recipes import apply_recipe, calibration_for, get_recipe
     from amoeba_export.modelio import load_model
 
     recipe = get_recipe(recipe_name)
     model = load_model(hf_dir)
     module = StaticCacheLM(model, CTX).eval()
     with torch.no_grad():
-        notes, summary = apply_recipe(module, recipe, calibration=_calibration(hf_dir, model, recipe))
+        notes, summary = apply_recipe(module, recipe, calibration=calibration_for(hf_dir, model, recipe))
     return module, notes, summary
 
 
