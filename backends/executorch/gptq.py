@@ -233,8 +233,9 @@ def gptq_model(model: nn.Module, full_precision: dict[nn.Linear, torch.Tensor], 
     """Re-round every torchao-quantized linear of ``model``'s decoder layers with GPTQ, layer by layer.
 
     ``model`` is the HF causal LM whose linears the recipe has quantized; ``full_precision`` maps each of those
-    linears to its weight before quantization; ``rows`` ``[n, seq_len]`` are calibration token rows. Returns what
-    the artifact's meta records (linears solved, seconds are the caller's)."""
+    linears to its weight before quantization (entries are removed as they are solved); ``rows`` ``[n, seq_len]``
+    are calibration token rows. Returns what the artifact's meta records (linears solved; seconds are the
+    caller's)."""
     layers = model.model.layers
     solved = 0
     with torch.no_grad():
@@ -245,7 +246,8 @@ def gptq_model(model: nn.Module, full_precision: dict[nn.Linear, torch.Tensor], 
                 for linear in stage:
                     weight = linear.weight
                     scale, zero, group, qmin, qmax = _grid(weight)
-                    codes, fitted = gptq_qdata(full_precision[linear], h, scale, zero, group, qmin, qmax,
+                    # popped: each fp32 weight is released once solved, so only unsolved layers stay in fp32
+                    codes, fitted = gptq_qdata(full_precision.pop(linear), h, scale, zero, group, qmin, qmax,
                                                settings)
                     weight.qdata.copy_(codes)
                     weight.scale.copy_(fitted)

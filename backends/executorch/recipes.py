@@ -198,7 +198,8 @@ def apply_recipe(module: nn.Module, recipe: Recipe, *, group_fallback: bool = Tr
         module.lm_head = head
     plan, notes = plan_linears(module, recipe, group_fallback=group_fallback)
     # GPTQ solves from the weights torchao is about to replace (the same Linear objects keep the new tensors).
-    full = {m: m.weight.detach() for fqn, m in module.named_modules() if fqn in plan and fqn != "lm_head"}
+    full = ({m: m.weight.detach() for fqn, m in module.named_modules() if fqn in plan and fqn != "lm_head"}
+            if recipe.rounding == "gptq" else {})
     for key in sorted(set(plan.values()), key=str):
         quantize_(module, _config(*key), filter_fn=lambda m, fqn, key=key: plan.get(fqn) == key)
     summary = None
