@@ -28,7 +28,10 @@ of them, highest z first. Subnet shapes are then scored on the kept tasks only, 
 model guesses never dilutes the comparison. The candidates' full-model scores are in RESULT's
 ``task_selection``.
 
-    python bench/selection_quality.py [--tokens 4096] [--task-examples 100]
+    python bench/selection_quality.py [--tokens 4096] [--task-examples 100] [--only depth,width,demo]
+
+``--task-examples 0`` measures perplexities only; ``--only width`` (say) runs one section, and RESULT then holds
+only that section's figures.
 
 Runtime (2-core CPU shared with other jobs, OMP_NUM_THREADS=1, SmolLM2-135M at ~6 ms per token): choosing
 tasks scores the 13 candidates on the full model, 18-120 s each for up to 100 examples; each shape then costs
@@ -123,7 +126,12 @@ def main() -> None:
     ap.add_argument("--task-examples", type=int, default=100, help="examples per BIG-bench task")
     ap.add_argument("--task-z", type=float, default=2.0, help="keep tasks this many standard errors above chance")
     ap.add_argument("--max-tasks", type=int, default=3)
+    ap.add_argument("--only", default="depth,width,demo",
+                    help="sections to run, comma-separated (depth, width, demo); RESULT holds only theirs")
     args = ap.parse_args()
+    sections = {s.strip() for s in args.only.split(",") if s.strip()}
+    if unknown := sections - {"depth", "width", "demo"}:
+        ap.error(f"unknown sections {sorted(unknown)} (supported are: depth, width, demo)")
     torch.set_num_threads(1)
     started = time.perf_counter()
 
@@ -150,8 +158,9 @@ def main() -> None:
     print(f"choosing BIG-bench tasks on the full model (first {args.task_examples} examples each; "
           f"keep z ≥ {args.task_z:g}, at most {args.max_tasks}):")
     t0 = time.perf_counter()
-    tasks, selection = choose_tasks(full_forward, tok, CANDIDATE_TASKS, examples=args.task_examples,
-                                    z_min=args.task_z, max_tasks=args.max_tasks)
+    # --task-examples 0: perplexities only (no task is chosen or scored)
+    tasks, selection = choose_tasks(full_forward, tok, CANDIDATE_TASKS if args.task_examples else (),
+                                    examples=args.task_examples, z_min=args.task_z, max_tasks=args.max_tasks)
     select_seconds = time.perf_counter() - t0
     print(f"kept: {', '.join(t.name for t in tasks) or 'none'} ({select_seconds:.0f} s)")
     evaluate = Evaluator(heldout, second, tok, tasks, args.task_examples)
@@ -171,7 +180,7 @@ def main() -> None:
     print(f"full model: {second.quote(full['ppl_second'])}")
     print(f"\n{'layers removed':<16} {'DP':>9} {'Block Infl.':>12} {'drop-last':>10} {'DP+maps':>9} {'BI+maps':>9}"
           f"   DP gain vs best baseline")
-    for frac in (0.25, 0.50):
+    for frac in (0.25, 0.50) if "depth" in sections else ():
         depth = n - round(n * frac)
         key = f"depth_{int(frac * 100)}"
         row = {f"{m}_ppl": judge(f"{key}/{m}", plan.shape(depth, 1.0, method=method))
@@ -188,7 +197,7 @@ def main() -> None:
 
     print(f"\n{'width ratio':<12} {'mode':<8} {'none':>9} {'mean comp':>10} {'lstsq':>9}")
     width: dict[str, dict[str, dict[str, float]]] = {}
-    for ratio in (0.75, 0.5):
+    for ratio in (0.75, 0.5) if "width" in sections else ():
         width[str(ratio)] = {}
         for mode in ("global", "uniform"):
             cells = {cell: judge(f"width_{ratio}/{mode}_{cell}", plan.shape(n, ratio, mode), compensate=comp)
@@ -196,7 +205,12 @@ def main() -> None:
             width[str(ratio)][mode] = cells
             print(f"{ratio:<12} {mode:<8} {cells['none']:>9.2f} {cells['mean_comp']:>10.2f} {cells['lstsq']:>9.2f}")
     result["width"] = width
+    if "demo" in sections:
+        demo_section(result, plan, plan_dir, judge, model_for)
+    report(result, quality, tasks, selection, select_seconds, full, second, args, started)
 
+
+def demo_section(result: dict[str, Any], plan, plan_dir: Path, judge, model_for) -> None:
     # The shape `amoeba demo` extracts for half the parameters (chosen by calibration loss, then reconstructed),
     # and what extracting a shape costs end to end (load, width solves, depth-map pass, write).
     full_params = plan.params_for(plan.full_shape(), compensate="none")
@@ -206,8 +220,9 @@ def main() -> None:
     print(f"\n≈50 % params (demo's pick {demo_shape.name}, {demo_shape.describe()}): "
           f"held-out perplexity {result['demo_50pct_ppl']:.2f}")
     result["extract_seconds"] = {}
+    n = plan.dims.num_layers
     with tempfile.TemporaryDirectory() as tmp:
-        for name, shape in (("demo_50pct", demo_shape), ("depth_25", plan.shape(result["depth_25"]["depth"], 1.0))):
+        for name, shape in (("demo_50pct", demo_shape), ("depth_25", plan.shape(n - round(n * 0.25), 1.0))):
             t0 = time.perf_counter()
             out = extract_subnet(plan_dir, Path(tmp) / name, depth=shape.depth, width=shape.meta["width"],
                                  mode=shape.meta["mode"])
@@ -215,6 +230,9 @@ def main() -> None:
                                                **read_meta(out)["reconstruction"]}
             print(f"extract {name}: {result['extract_seconds'][name]}")
 
+
+def report(result: dict[str, Any], quality: dict[str, dict[str, Any]], tasks, selection, select_seconds: float,
+           full, second, args, started: float) -> None:
     names = [t.name for t in tasks]
     print("\nquality as ratios to the full model (perplexity: ×full, > 1 worse; accuracy: ×full, < 1 worse)")
     print(f"{'shape':<26} {'held-out ppl':>13} {SECOND_TEXT + ' ppl':>16}" + "".join(f" {t[:14]:>15}" for t in names))

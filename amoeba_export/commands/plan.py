@@ -21,6 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(multiple-choice error, e.g. mc:cause_and_effect/one_sentence)")
     p.add_argument("--max-removed", type=float, default=d.max_removed, help="most layers removed (fraction)")
     p.add_argument("--round-to", type=int, default=d.round_to, help="MLP widths are multiples of this")
+    p.add_argument("--global-spread", type=float, default=d.global_spread,
+                   help="global width mode keeps each layer within width × (1 ± this) of its parameters")
     p.add_argument("--compensate", choices=COMPENSATE_MODES, default=d.compensate,
                    help="extraction's default width compensation (lstsq, mean or none)")
     p.add_argument("--no-compensate", dest="compensate", action="store_const", const="none",
@@ -39,8 +41,8 @@ def run(args: argparse.Namespace) -> int:
         raise OutputExistsError(f"output folder {args.out} already exists", fix="pass --force to replace it")
     config = PlanConfig(seq_len=args.seq_len, width_tokens=args.width_tokens, depth_tokens=args.depth_tokens,
                         depth_seq_len=args.depth_seq_len, depth_metric=args.depth_metric,
-                        max_removed=args.max_removed, round_to=args.round_to, compensate=args.compensate,
-                        depth_maps=not args.no_depth_maps)
+                        max_removed=args.max_removed, round_to=args.round_to, global_spread=args.global_spread,
+                        compensate=args.compensate, depth_maps=not args.no_depth_maps)
     plan = build_plan(args.model, config)
     plan.save(args.out, force=args.force)
     s = plan.stats

@@ -20,6 +20,10 @@ DEPTH_METHODS = ("dp", "block_influence", "drop_last")
 WIDTH_MODES = ("global", "uniform")
 
 
+# A global_spread no width ratio in the plan's range (≥ 0.05) can reach: 0.05 · (1 + 100) > 1.
+UNBOUNDED_SPREAD = 100.0
+
+
 @dataclass(frozen=True)
 class PlanConfig:
     """How a plan is computed. Defaults fit ≤ 10 min for SmolLM2-135M on a 2-core CPU."""
@@ -42,6 +46,12 @@ class PlanConfig:
     keep_last: bool = True
     width_ratios: tuple[float, ...] = (1.0, 0.875, 0.75, 0.625, 0.5)
     round_to: int = 32  # MLP widths are multiples of this (quantizer block sizes prefer 32/256)
+    # Global width mode keeps each layer's width parameters within width · (1 ± global_spread) of its share, as
+    # OWL bounds its per-layer sparsities: FLAP's standardised scores say which units of a layer matter, not
+    # how much a whole layer can lose, and unbounded they starve some layers (SmolLM2-135M, width 0.5 with
+    # least-squares refit: 205 held-out perplexity unbounded vs 105 uniform). Chosen on calibration text
+    # (README); ≥ 1/width − 1 lifts the bound. Plans written before this field keep their unbounded allocation.
+    global_spread: float = 0.25
     # Extraction defaults. compensate: "lstsq" (refit kept o_proj/down_proj columns + bias by least squares),
     # "mean" (FLAP: removed channels' mean contribution as a bias) or "none".
     compensate: str = "lstsq"
@@ -91,6 +101,8 @@ class PlanConfig:
             out.append("width_ratios must be in (0, 1]")
         if self.round_to < 1:
             out.append("round_to must be ≥ 1")
+        if self.global_spread < 0:
+            out.append("global_spread must be ≥ 0")
         if self.compensate not in COMPENSATE_MODES:
             out.append(f"compensate {self.compensate!r}: supported are: {', '.join(COMPENSATE_MODES)}")
         if self.width_ridge < 0 or self.depth_ridge < 0:
@@ -110,6 +122,8 @@ class PlanConfig:
             raise CheckpointError(f"plan version {d.get('version')} is not supported", fix="re-run amoeba plan")
         known = {f for f in cls.__dataclass_fields__}
         # plans written before these fields existed ran the DP on the split's first tokens, at seq_len
-        d = {"calibration_rows": "start", "depth_seq_len": d.get("seq_len", 512)} | d
+        # and allocated global widths with no per-layer bound
+        d = {"calibration_rows": "start", "depth_seq_len": d.get("seq_len", 512),
+             "global_spread": UNBOUNDED_SPREAD} | d
         d = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in known}
         return cls(**d)

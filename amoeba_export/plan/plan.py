@@ -134,30 +134,53 @@ class Plan:
         return attn, 3 * d.hidden_size
 
     def _global_widths(self, layers: tuple[int, ...], width: float, r: int) -> list[tuple[int, int, int]]:
-        """Rank heads and channels of the kept layers together; keep the best within the budget."""
+        """Rank heads and channels of the kept layers together; keep the best within the budget, each layer's
+        width parameters held within ``width · (1 ± global_spread)`` of its own (see PlanConfig.global_spread).
+
+        Every kept layer starts with one attention unit and ``min(r, intermediate)`` MLP channels. Then each
+        layer takes its own best units up to its floor, and the rest are taken best score first across layers
+        until the first that no longer fits the budget; a layer stops growing at the first of its units that
+        would pass its cap. Within a layer, global score order is the layer's own order, so every quantity below
+        is a prefix and the whole allocation is a few sorts and cumulative sums (integer, so comparisons are
+        exact): a Python loop over every channel took ~45 ms a call, and choosing shapes for a parameter budget
+        bisects the width of each depth (~250 calls on SmolLM2-135M)."""
         d = self.dims
         n_units, inter = self._units(), d.intermediate_size
         attn_cost, mlp_cost = self.unit_costs()
         min_mlp = min(r, inter)
-        budget = width * len(layers) * (n_units * attn_cost + inter * mlp_cost)
-        used = len(layers) * (attn_cost + min_mlp * mlp_cost)
+        layer_params = n_units * attn_cost + inter * mlp_cost
+        base = attn_cost + min_mlp * mlp_cost
+        budget = width * len(layers) * layer_params
+        spread = self.config.global_spread
+        floor, cap = width * (1 - spread) * layer_params, width * (1 + spread) * layer_params
         scores, kinds, owners = [], [], []
         for layer in layers:
             rk = self.rankings[layer]
             scores += [rk.attn_scores[1:], rk.mlp_scores[min_mlp:]]
             kinds += [torch.zeros(n_units - 1, dtype=torch.bool), torch.ones(inter - min_mlp, dtype=torch.bool)]
             owners += [torch.full((n_units - 1,), layer), torch.full((inter - min_mlp,), layer)]
-        score, is_mlp, owner = torch.cat(scores), torch.cat(kinds), torch.cat(owners)
-        order = torch.sort(score, descending=True, stable=True).indices
-        # Greedy in score order, stopping at the first unit that no longer fits: every cost is positive, so the
-        # kept units are the prefix whose running total stays within the budget. Vectorised (integer sums, so
-        # the comparison is exact): a Python loop over every channel took ~45 ms a call, and choosing shapes
-        # for a parameter budget bisects the width of each depth (~250 calls on SmolLM2-135M).
-        costs = torch.where(is_mlp[order], mlp_cost, attn_cost).to(torch.int64)
-        kept = order[: int((used + costs.cumsum(0) <= math.floor(budget)).sum())]
+        order = torch.sort(torch.cat(scores), descending=True, stable=True).indices
+        is_mlp, owner = torch.cat(kinds)[order], torch.cat(owners)[order]
+        costs = torch.where(is_mlp, mlp_cost, attn_cost).to(torch.int64)
+        # Each unit's layer total if that layer took all its units up to this one (a cumulative sum per layer,
+        # in global order): grouping by layer with a stable sort keeps each layer's units in score order.
+        by_layer = torch.sort(owner, stable=True).indices
+        grouped = costs[by_layer].cumsum(0)
+        starts = torch.searchsorted(owner[by_layer], owner[by_layer], side="left")
+        before = torch.cat([torch.zeros(1, dtype=torch.int64), grouped])[starts]
+        layer_total = torch.empty_like(costs)
+        layer_total[by_layer] = base + grouped - before
+        in_floor = layer_total <= floor
+        allowed = layer_total <= cap
         n = self.dims.num_layers
-        attn_keep = 1 + torch.bincount(owner[kept][~is_mlp[kept]], minlength=n)
-        mlp_keep = min_mlp + torch.bincount(owner[kept][is_mlp[kept]], minlength=n)
+        floor_params = base * len(layers) + int(costs[in_floor].sum())
+        extra = allowed & ~in_floor
+        room = math.floor(budget) - floor_params
+        fits = torch.zeros_like(extra)
+        fits[extra] = costs[extra].cumsum(0) <= room  # a prefix: stops at the first that no longer fits
+        kept = in_floor | fits
+        attn_keep = 1 + torch.bincount(owner[kept & ~is_mlp], minlength=n)
+        mlp_keep = min_mlp + torch.bincount(owner[kept & is_mlp], minlength=n)
         out = []
         for layer in layers:
             q, kv = self._heads_for_units(int(attn_keep[layer]))

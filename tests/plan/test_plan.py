@@ -1,10 +1,13 @@
+import dataclasses
 import json
+import math
 
 import pytest
 import torch
 
 from amoeba_export.errors import CheckpointError, ShapeError
 from amoeba_export.plan import Plan, load_elastic
+from amoeba_export.plan.config import UNBOUNDED_SPREAD
 from amoeba_export.plan.plan import PLAN_VERSION
 
 
@@ -122,29 +125,78 @@ def test_plan_with_multiple_choice_depth_metric(tiny_dir, tiny_calibration, monk
 
 def _greedy_widths(plan, layers, width, r):
     """The global allocation as a plain loop, one unit at a time (the specification _global_widths vectorises):
-    every kept layer starts with one attention unit and ``min(r, intermediate)`` MLP channels; the others are
-    taken best score first until the first that no longer fits the width budget."""
+    every kept layer starts with one attention unit and ``min(r, intermediate)`` MLP channels; each layer then
+    takes its own best units while it stays within its floor ``width · (1 − spread)`` of its parameters; the
+    others are taken best score first until the first that no longer fits the width budget, a layer closing at
+    the first of its units that would pass its cap ``width · (1 + spread)``."""
     (attn_cost, mlp_cost), inter, units = plan.unit_costs(), plan.dims.intermediate_size, plan._units()
+    spread = plan.config.global_spread
     floor = min(r, inter)
+    per_layer = units * attn_cost + inter * mlp_cost
     keep = {layer: [1, floor] for layer in layers}  # [attention units, MLP channels]
-    room = width * len(layers) * (units * attn_cost + inter * mlp_cost) - len(layers) * (attn_cost + floor * mlp_cost)
+    size = {layer: attn_cost + floor * mlp_cost for layer in layers}
     pool = []
     for layer in layers:
         rk = plan.rankings[layer]
         pool += [(float(s), 0, attn_cost, layer) for s in rk.attn_scores[1:]]
         pool += [(float(s), 1, mlp_cost, layer) for s in rk.mlp_scores[floor:]]
-    for _, kind, cost, layer in sorted(pool, key=lambda u: -u[0]):  # stable, like torch.sort(stable=True)
+    pool = sorted(enumerate(pool), key=lambda u: -u[1][0])  # stable, like torch.sort(stable=True)
+    taken = set()
+    for layer in layers:
+        for i, (_, kind, cost, owner) in pool:
+            if owner != layer:
+                continue
+            if size[layer] + cost > width * (1 - spread) * per_layer:
+                break
+            size[layer] += cost
+            keep[layer][kind] += 1
+            taken.add(i)
+    room = math.floor(width * len(layers) * per_layer) - sum(size.values())
+    closed = set()
+    for i, (_, kind, cost, layer) in pool:
+        if i in taken:
+            continue
+        if layer in closed or size[layer] + cost > width * (1 + spread) * per_layer:
+            closed.add(layer)
+            continue
         if cost > room:
             break
         room -= cost
+        size[layer] += cost
         keep[layer][kind] += 1
     return [(*plan._heads_for_units(keep[layer][0]), plan._round_mlp(keep[layer][1], r)) for layer in layers]
 
 
+@pytest.mark.parametrize("spread", [0.0, 0.25, 1.0, UNBOUNDED_SPREAD])
 @pytest.mark.parametrize("round_to", [1, 8])
-def test_global_widths_match_greedy_loop(tiny_plan_dir, round_to):
+def test_global_widths_match_greedy_loop(tiny_plan_dir, round_to, spread):
     plan = Plan.load(tiny_plan_dir)
+    plan = dataclasses.replace(plan, config=dataclasses.replace(plan.config, global_spread=spread))
     for depth in plan.depths:
         layers = plan.depth_table[depth]
         for width in (0.05, 0.2, 0.37, 0.5, 0.61, 0.8, 0.95, 0.999):
             assert plan._global_widths(layers, width, round_to) == _greedy_widths(plan, layers, width, round_to)
+
+
+def test_global_spread_bounds_every_layer(tiny_plan_dir):
+    """Each layer's width parameters stay within width · (1 ± spread) of its own, up to one unit. One layer's
+    scores are lifted above every other's, as FLAP's can be: unbounded, that layer takes all its units and the
+    others starve; bounded, every layer stays in its band."""
+    plan = Plan.load(tiny_plan_dir)
+    lifted = dataclasses.replace(plan.rankings[0], attn_scores=plan.rankings[0].attn_scores + 100,
+                                 mlp_scores=plan.rankings[0].mlp_scores + 100)
+    plan = dataclasses.replace(plan, rankings=(lifted, *plan.rankings[1:]))
+    (attn_cost, mlp_cost), units, inter = plan.unit_costs(), plan._units(), plan.dims.intermediate_size
+    per_layer = units * attn_cost + inter * mlp_cost
+    heads_per_unit = plan.dims.num_heads // units
+
+    def fractions(spread, width):
+        p = dataclasses.replace(plan, config=dataclasses.replace(plan.config, global_spread=spread))
+        return [(q // heads_per_unit * attn_cost + m * mlp_cost) / per_layer
+                for q, _, m in p._global_widths(p.depth_table[max(p.depths)], width, 1)]
+
+    slack = max(attn_cost, mlp_cost) / per_layer
+    for width in (0.37, 0.5, 0.61):
+        assert all(width * 0.75 - slack <= f <= width * 1.25 + slack for f in fractions(0.25, width))
+    unbounded = fractions(UNBOUNDED_SPREAD, 0.5)
+    assert unbounded[0] == 1.0 > 0.5 * 1.25 + slack  # layer 0 took everything; the others shared the rest
