@@ -7,6 +7,7 @@ import argparse
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..plan import PlanConfig
+    from ..plan.config import WIDTH_ORDERS
     from ..reconstruct.modes import COMPENSATE_MODES
 
     d = PlanConfig()
@@ -21,6 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(multiple-choice error, e.g. mc:cause_and_effect/one_sentence)")
     p.add_argument("--max-removed", type=float, default=d.max_removed, help="most layers removed (fraction)")
     p.add_argument("--round-to", type=int, default=d.round_to, help="MLP widths are multiples of this")
+    p.add_argument("--width-order", choices=WIDTH_ORDERS, default=d.width_order,
+                   help="which MLP channels a narrower layer keeps: refit (least-squares elimination) or flap")
     p.add_argument("--global-spread", type=float, default=d.global_spread,
                    help="global width mode keeps each layer within width × (1 ± this) of its parameters")
     p.add_argument("--compensate", choices=COMPENSATE_MODES, default=d.compensate,
@@ -42,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
     config = PlanConfig(seq_len=args.seq_len, width_tokens=args.width_tokens, depth_tokens=args.depth_tokens,
                         depth_seq_len=args.depth_seq_len, depth_metric=args.depth_metric,
                         max_removed=args.max_removed, round_to=args.round_to, global_spread=args.global_spread,
+                        width_order=args.width_order,
                         compensate=args.compensate, depth_maps=not args.no_depth_maps)
     plan = build_plan(args.model, config)
     plan.save(args.out, force=args.force)

@@ -35,7 +35,8 @@ def build_plan(model: str | Path | None, config: PlanConfig | None = None, *, pr
     t0 = time.perf_counter()
     # One pass gathers the importance statistics and the input covariances least-squares reconstruction needs.
     attn, mlp = collect_stats(elastic, width_rows, gram=True, progress=progress)
-    rankings = tuple(rank_layer(elastic, i, attn[i], mlp[i]) for i in range(n))
+    rankings = tuple(rank_layer(elastic, i, attn[i], mlp[i], order=config.width_order, ridge=config.width_ridge)
+                     for i in tqdm(range(n), desc="width order", disable=not progress))
     covariances = tuple(layer_covariance(elastic, rankings[i], attn[i], mlp[i]) for i in range(n))
     del attn, mlp
     width_seconds = time.perf_counter() - t0

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from ..elastic import ElasticLM
 from ..reconstruct import LayerCovariance
+from .width_order import refit_order
 
 
 @dataclass
@@ -76,7 +77,7 @@ class LayerRanking:
     head_perm: torch.Tensor  # permutation of internal heads, most important first (per slot/head unit)
     mlp_perm: torch.Tensor
     attn_scores: torch.Tensor  # per attention unit: mean standardised channel score, descending
-    mlp_scores: torch.Tensor  # per MLP channel: standardised score, descending
+    mlp_scores: torch.Tensor  # per MLP position: standardised FLAP scores, descending (see rank_layer's order)
     attn_mean: torch.Tensor  # o_proj input mean per channel, in permuted order
     mlp_mean: torch.Tensor  # down_proj input mean per channel, in permuted order
 
@@ -109,7 +110,11 @@ def standardise(x: torch.Tensor) -> torch.Tensor:
     return (x - x.mean()) / (std if std > 0 else 1.0)
 
 
-def rank_layer(elastic: ElasticLM, layer: int, attn: ChannelStats, mlp: ChannelStats) -> LayerRanking:
+def rank_layer(elastic: ElasticLM, layer: int, attn: ChannelStats, mlp: ChannelStats, *, order: str = "flap",
+               ridge: float = 0.0) -> LayerRanking:
+    """One layer's ranking. ``order="refit"``: MLP channels in greedy least-squares elimination order (see
+    ``width_order``; needs ``mlp``'s Gram matrix), the scores still FLAP's, sorted — they tell the global
+    allocation how much a layer's k-th channel is worth; the order says which channel that is."""
     dims = elastic.dims
     block = elastic.layers[layer]
     w_o = block.o_proj.weight.detach().double()
@@ -121,17 +126,21 @@ def rank_layer(elastic: ElasticLM, layer: int, attn: ChannelStats, mlp: ChannelS
     if group > 1:
         # internal head j*n_kv + g: order the slots of each KV group independently
         per_group = head.view(group, n_kv)  # [slot, group]
-        order = per_group.argsort(dim=0, descending=True)  # [slot rank, group] -> old slot
-        head_perm = torch.stack([order[j] * n_kv + torch.arange(n_kv) for j in range(group)]).reshape(-1)
-        unit_scores = per_group.gather(0, order).mean(1)  # the j-th best head of every group, averaged
+        slots = per_group.argsort(dim=0, descending=True)  # [slot rank, group] -> old slot
+        head_perm = torch.stack([slots[j] * n_kv + torch.arange(n_kv) for j in range(group)]).reshape(-1)
+        unit_scores = per_group.gather(0, slots).mean(1)  # the j-th best head of every group, averaged
     else:
         head_perm = head.argsort(descending=True)
         unit_scores = head[head_perm]
-    mlp_perm = mlp_channel.argsort(descending=True)
+    mlp_scores = mlp_channel.sort(descending=True).values
+    if order == "refit":
+        mlp_perm = refit_order(w_d, mlp.covariance(), ridge=ridge)
+    else:
+        mlp_perm = mlp_channel.argsort(descending=True)
     ch = elastic._head_channels(head_perm)
     return LayerRanking(
         head_perm=head_perm, mlp_perm=mlp_perm,
-        attn_scores=unit_scores.float(), mlp_scores=mlp_channel[mlp_perm].float(),
+        attn_scores=unit_scores.float(), mlp_scores=mlp_scores.float(),
         attn_mean=attn.mean[ch].float(), mlp_mean=mlp.mean[mlp_perm].float(),
     )
 
