@@ -59,14 +59,6 @@ def test_order_is_a_permutation_and_beats_flap_on_correlated_inputs():
         assert _refit_error(w, cov, mean, order, kept, 1e-6) < _refit_error(w, cov, mean, flap, kept, 1e-6)
 
 
-def test_units_move_together():
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(3000, 12, generator=g)
-    order = refit_order(torch.randn(5, 12, generator=g), torch.cov(x.T.double()), ridge=1e-3, unit=4)
-    assert all(sorted(order[i:i + 4].tolist()) == list(range(order[i].item() // 4 * 4, order[i].item() // 4 * 4 + 4))
-               for i in range(0, 12, 4))
-
-
 def test_plan_keeps_channels_in_refit_order(tiny_plan_dir):
     """A plan's MLP order is a fixed point of the elimination: re-running it on the plan-ordered weights and
     covariances keeps every channel where it is (a plan that kept FLAP's order would move them)."""
