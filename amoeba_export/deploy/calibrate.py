@@ -1,10 +1,16 @@
-"""Calibration of a target's predictors on this machine: a few small subnets exported, measured and fitted.
+"""Calibration of a target's predictors on this machine: a few tiny probe subnets exported, measured and fitted.
 
-Models (all least squares over the calibration points):
-- file size:    bytes      = c0 + c1 · W       (W: the quant scheme's priced weights, sizing.py)
-- decode speed: s / token  = a  + b  · W       (weight streaming + a fixed per-token cost)
+Models (all least squares over the calibration points, coefficients kept ≥ 0 where a cost cannot shrink):
+- file size:    bytes      = c0 + c1 · W            (W: the quant scheme's priced weights, sizing.py)
+- decode speed: s / token  = a  + b  · W  + c · L   (a fixed per-token cost, weight streaming, and a per-layer
+                                                     dispatch cost: L kept layers)
 - memory:       peak RSS   = m0 + m1 · W  + KV cache at the profile's context length
-The fit is cached per (source, backend, quant, export options, threads, machine), so it is paid once.
+
+The probes are the first few layers of the widest and the narrowest candidate (``probe_shapes``), not
+candidates themselves: an ExecuTorch lowering costs ≈ 15 s per layer on 2 cores, so two mid-sized candidates
+cost ≈ 12 min while the probes cost ≈ 1–2 min — and they span W and L as widely, since every candidate shares
+the embedding and lm_head and differs only in how many layers of what width it streams. The fit is cached per
+(source, backend, quant, export options, threads, machine, probes), so it is paid once.
 """
 
 from __future__ import annotations
@@ -21,12 +27,17 @@ from ..artifacts import write_json
 from ..paths import cache_subdir
 from ..shape import Shape
 
-CALIBRATION_VERSION = 2  # 2: peak RSS from VmHWM (1 inherited the parent's RSS)
+# 2: peak RSS from VmHWM (1 inherited the parent's RSS); 3: probe subnets and a per-layer speed term.
+CALIBRATION_VERSION = 3
+# (which candidate, how many of its first layers): a one-layer probe pins the fixed cost, an eight-layer one the
+# cost per byte and per layer, a narrow four-layer one separates the two (same L, less W per layer).
+PROBES = (("widest", 1), ("widest", 8), ("narrowest", 4))
 
 
 @dataclass(frozen=True)
 class Point:
     shape: str
+    layers: int
     weight_bytes: int
     file_bytes: int
     decode_tok_s: float
@@ -41,7 +52,7 @@ class Calibration:
     threads: int
     points: tuple[Point, ...]
     size: tuple[float, float]  # c0, c1
-    speed: tuple[float, float]  # a (s), b (s per byte)
+    speed: tuple[float, float, float]  # a (s), b (s per byte), c (s per layer)
     memory: tuple[float, float]  # m0, m1
     machine: str
     seconds: float
@@ -50,15 +61,17 @@ class Calibration:
     def predict_size(self, w: int) -> float:
         return self.size[0] + self.size[1] * w
 
-    def predict_tok_s(self, w: int) -> float:
-        return 1.0 / max(self.speed[0] + self.speed[1] * w, 1e-9)
+    def predict_tok_s(self, w: int, layers: int) -> float:
+        a, b, c = self.speed
+        return 1.0 / max(a + b * w + c * layers, 1e-9)
 
     def predict_memory(self, w: int, kv: int) -> float:
         return self.memory[0] + self.memory[1] * w + kv
 
     def describe(self) -> str:
-        return (f"speed model: s/token = {self.speed[0] * 1e3:.3g} ms + {self.speed[1] * 1e9:.3g} ms/GB · W, "
-                f"fitted on {len(self.points)} {self.backend}/{self.quant} subnets benched here "
+        a, b, c = self.speed
+        return (f"speed model: s/token = {a * 1e3:.3g} ms + {b * 1e9:.3g} ms/GB · W + {c * 1e3:.3g} ms · layers, "
+                f"fitted on {len(self.points)} {self.backend}/{self.quant} probe subnets benched here "
                 f"({self.threads} threads); size = {self.size[0] / 1e6:.3f} MB + {self.size[1]:.4f} · W")
 
     def to_dict(self) -> dict[str, Any]:
@@ -81,14 +94,41 @@ def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
     return my - b * mx, b
 
 
-def fit_nonnegative(xs: list[float], ys: list[float]) -> tuple[float, float]:
-    """``fit_line`` with both coefficients kept ≥ 0 (a time or size never shrinks as weights grow)."""
-    a, b = fit_line(xs, ys)
-    if a < 0:
-        a, b = 0.0, sum(x * y for x, y in zip(xs, ys)) / max(sum(x * x for x in xs), 1e-30)
-    if b < 0:
-        a, b = sum(ys) / len(ys), 0.0
-    return a, b
+def fit_nonnegative(features: list[list[float]], ys: list[float]) -> tuple[float, ...]:
+    """Least squares ``y ≈ Σ_j coef_j · features[j]`` with every coefficient ≥ 0 (a time or size never shrinks
+    as weights or layers grow). With a handful of terms the exact answer is the best unconstrained fit over the
+    subsets of terms left free whose coefficients all come out ≥ 0; terms not in it are 0."""
+    import itertools
+
+    import numpy as np
+
+    x, y = np.asarray(features, dtype=np.float64).T, np.asarray(ys, dtype=np.float64)
+    # Columns scaled to unit norm: W (≈1e8) next to a column of ones would make lstsq's rank cut drop a term.
+    norms = np.where(np.linalg.norm(x, axis=0) > 0, np.linalg.norm(x, axis=0), 1.0)
+    xs = x / norms
+    best, best_err = np.zeros(x.shape[1]), float(np.sum(y**2))
+    for k in range(1, x.shape[1] + 1):
+        for free in itertools.combinations(range(x.shape[1]), k):
+            coef = np.linalg.lstsq(xs[:, free], y, rcond=None)[0]
+            err = float(np.sum((xs[:, free] @ coef - y) ** 2))
+            if np.all(coef >= 0) and err < best_err * (1 - 1e-12):
+                best, best_err = np.zeros(x.shape[1]), err
+                best[list(free)] = coef
+    return tuple(float(v) for v in best / norms)
+
+
+def probe_shapes(shapes: list[Shape], params: list[int], probes: tuple[tuple[str, int], ...] = PROBES) -> list[Shape]:
+    """The calibration probes: the first ``k`` layers of the widest / narrowest candidate, per ``probes``."""
+    by_params = sorted(range(len(shapes)), key=lambda i: params[i])
+    source = {"narrowest": shapes[by_params[0]], "widest": shapes[by_params[-1]]}
+    out: list[Shape] = []
+    for which, k in probes:
+        s = source[which]
+        k = min(k, s.depth)
+        probe = Shape(s.layers[:k], s.q_heads[:k], s.kv_heads[:k], s.mlp[:k], name=f"probe-{k}of-{s.name}")
+        if probe not in out:
+            out.append(probe)
+    return out
 
 
 def machine_id() -> str:
@@ -128,26 +168,28 @@ def calibrate(elastic, plan, shapes: list[Shape], *, source_id: str, backend: st
     for i, shape in enumerate(tqdm(shapes, desc=f"calibrate {backend}/{quant}", unit="subnet", disable=not progress)):
         if prepare is not None:
             prepare(shape)
-        hf = write_subnet(elastic, shape, work / f"{i}-hf", source_dir=plan.model_dir)
+        # A probe's weights never reach a figure, so it skips depth reconstruction (a calibration forward).
+        with elastic.without_depth_maps():
+            hf = write_subnet(elastic, shape, work / f"{i}-hf", source_dir=plan.model_dir)
         # Speed and size only: a calibrated type's twin has the same file layout and kernels, minus its
         # calibration pass (ExecuTorch GPTQ ≈ 1 min, a GGUF importance matrix ≈ 1 min per subnet).
         twin, twin_options = engine.speed_twin(quant, export_options)
         artifact = engine.export(hf, work / f"{i}-art", twin, **twin_options)
         bench = bench_artifact(artifact.path, threads=threads, prompt_tokens=16, new_tokens=bench_tokens,
                                repeats=repeats, bandwidth=bandwidth, progress=False)
-        points.append(Point(shape.name, int(weight_fn(shape)), int(artifact.size_bytes),
+        points.append(Point(shape.name, shape.depth, int(weight_fn(shape)), int(artifact.size_bytes),
                             float(bench["metrics"]["decode_tok_s"]["median"]),
                             float(bench["metrics"]["peak_rss_gb"]["median"]) * 2**30,
                             int(kv_fn(shape, 16 + bench_tokens))))
         shutil.rmtree(work / f"{i}-hf", ignore_errors=True)
         shutil.rmtree(work / f"{i}-art", ignore_errors=True)
     shutil.rmtree(work, ignore_errors=True)
-    ws = [p.weight_bytes for p in points]
+    ws, ones = [float(p.weight_bytes) for p in points], [1.0] * len(points)
     cal = Calibration(
         backend=backend, quant=quant, threads=threads, points=tuple(points),
         size=fit_line(ws, [p.file_bytes for p in points]),
-        speed=fit_nonnegative(ws, [1.0 / p.decode_tok_s for p in points]),
-        memory=fit_nonnegative(ws, [p.peak_rss_bytes - p.kv_bytes for p in points]),
+        speed=fit_nonnegative([ones, ws, [float(p.layers) for p in points]], [1.0 / p.decode_tok_s for p in points]),
+        memory=fit_nonnegative([ones, ws], [p.peak_rss_bytes - p.kv_bytes for p in points]),
         machine=machine_id(), seconds=round(time.perf_counter() - started, 1))
     write_json(cache, cal.to_dict())
     return cal

@@ -43,8 +43,7 @@ class DeployOptions:
     seq_len: int = 256
     validate_tokens: int = 1024
     bench_repeats: int = 3
-    calibration_points: int = 2
-    calibration_repeats: int = 2
+    calibration_repeats: int = 3
     progress: bool = True
 
 
@@ -143,7 +142,6 @@ class Deployment:
 
     def _search(self, folder: Path) -> dict[str, Any]:
         result = search(self.source, self.profile, eval_tokens=self.opts.eval_tokens, seq_len=self.opts.seq_len,
-                        calibration_points=self.opts.calibration_points,
                         calibration_repeats=self.opts.calibration_repeats, progress=self.opts.progress,
                         loaded=self._elastic())
         best = require_choice(result)  # an impossible budget stops here, before anything is written

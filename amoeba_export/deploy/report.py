@@ -140,11 +140,15 @@ def write_report(dep, folder: Path, summary: dict[str, Any]) -> None:
     tables = report_tables(dep, summary)
     profile = dep.profile
     cal = result.calibration
-    cal_line = (f"Speed model: seconds/token = a + b·W (W = the quant scheme's priced weight bytes), least squares "
-                f"over {len(cal['points'])} calibration subnets exported and benched on this machine "
-                f"({cal['machine'].split('|')[-1]}, {cal['threads']} threads): a = {cal['speed'][0] * 1e3:.3g} ms, "
-                f"b = {cal['speed'][1] * 1e9:.3g} ms/GB. Its error on the deployed artifact is in the table above. "
-                f"File size = c0 + c1·W with c0 = {cal['size'][0] / 1e6:.3f} MB, c1 = {cal['size'][1]:.4f}.")
+    a, b, c = cal["speed"]
+    probes = ", ".join(f"{pt['shape']} ({pt['decode_tok_s']:.0f} tok/s)" for pt in cal["points"])
+    cal_line = (f"Speed model: seconds/token = a + b·W + c·L (W = the quant scheme's priced weight bytes, L = kept "
+                f"layers), least squares with a, b, c ≥ 0 over {len(cal['points'])} probe subnets (the first layers "
+                f"of the widest and narrowest candidates) exported and benched on this machine "
+                f"({cal['machine'].split('|')[-1]}, {cal['threads']} threads): {probes}; a = {a * 1e3:.3g} ms, "
+                f"b = {b * 1e9:.3g} ms/GB, c = {c * 1e3:.3g} ms per layer. Its error on the deployed artifact is in "
+                f"the table above. File size = c0 + c1·W with c0 = {cal['size'][0] / 1e6:.3f} MB, "
+                f"c1 = {cal['size'][1]:.4f}.")
     about = f" ({profile.description})" if profile.description else ""
     head = (f"Target **{profile.name}**{about}: {profile.backend}/{profile.quant}, "
             f"{profile.threads} threads, context {profile.context_length}. Source `{dep.source}`. "

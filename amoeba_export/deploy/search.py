@@ -20,7 +20,7 @@ from ..identity import stage_identity
 from ..paths import cache_subdir
 from ..shape import Shape
 from ..targets import TargetProfile
-from .calibrate import Calibration, calibrate
+from .calibrate import Calibration, calibrate, probe_shapes
 from .sizing import kv_cache_bytes, weight_bytes
 
 SEARCH_VERSION = 2  # 2: held-out rows spread over the split (1 read its first tokens: a Gutenberg header)
@@ -161,14 +161,6 @@ def measure_perplexities(elastic, plan, shapes: list[Shape], cache: PerplexityCa
     return out, measured.label()
 
 
-def calibration_shapes(shapes: list[Shape], params: list[int], points: int = 2) -> list[Shape]:
-    """The smallest candidate and evenly spread larger ones up to the median (cheap exports, a wide W span)."""
-    order = sorted(range(len(shapes)), key=lambda i: params[i])
-    upto = order[: max(2, (len(order) + 1) // 2)]
-    picks = sorted({upto[round(i * (len(upto) - 1) / max(points - 1, 1))] for i in range(points)})
-    return [shapes[i] for i in picks]
-
-
 def frontier_flags(params: list[int], ppls: list[float]) -> list[bool]:
     """Pareto frontier: no other shape is both smaller (or equal) and more accurate."""
     order = sorted(range(len(params)), key=lambda i: (params[i], ppls[i]))
@@ -180,7 +172,7 @@ def frontier_flags(params: list[int], ppls: list[float]) -> list[bool]:
 
 
 def search(source: str | Path, profile: TargetProfile, *, eval_tokens: int = 1024, seq_len: int = 256,
-           calibration_points: int = 2, calibration_repeats: int = 2, progress: bool = True,
+           calibration_repeats: int = 3, progress: bool = True,
            loaded=None) -> SearchResult:
     """Evaluate the candidates of ``source`` for ``profile``; ``loaded`` = (elastic, plan) to skip loading."""
     from ..extract import load_source, prepare_shape
@@ -206,7 +198,7 @@ def search(source: str | Path, profile: TargetProfile, *, eval_tokens: int = 102
         return kv_cache_bytes(profile.backend, shape, dims.head_dim, ctx)
 
     cal: Calibration = calibrate(
-        elastic, plan, calibration_shapes(shapes, params, calibration_points), source_id=sid,
+        elastic, plan, probe_shapes(shapes, params), source_id=sid,
         backend=profile.backend, quant=profile.quant, export_options=profile.export, threads=profile.threads,
         weight_fn=w_of, kv_fn=kv_of, prepare=lambda s: prepare_shape(elastic, s), repeats=calibration_repeats,
         progress=progress)
@@ -220,7 +212,7 @@ def search(source: str | Path, profile: TargetProfile, *, eval_tokens: int = 102
         c = Candidate(shape=shape.to_dict(), name=shape.name, depth=shape.depth, params=n, ppl=ppl, weight_bytes=w,
                       file_bytes=cal.predict_size(w),
                       memory_bytes=cal.predict_memory(w, kv_of(shape, profile.context_length)),
-                      decode_tok_s=cal.predict_tok_s(w), frontier=front)
+                      decode_tok_s=cal.predict_tok_s(w, shape.depth), frontier=front)
         breaks = {}
         for name, limit in budgets.items():
             pred = c.predicted(name)

@@ -73,6 +73,10 @@ def test_chosen_shape_meets_budget_and_size_prediction(finished):
     feasible = [c for c in result["candidates"] if not c["breaks"]]
     assert chosen == min(feasible, key=lambda c: c["ppl"])["name"]
     assert any(c["breaks"] for c in result["candidates"])  # the budget did constrain the choice
+    # The speed model was fitted on the three probes (prefixes of the widest/narrowest candidates), not candidates.
+    points = result["calibration"]["points"]
+    assert [p["layers"] for p in points][:2] == [1, 6] and len(points) == 3
+    assert all(p["shape"].startswith("probe-") for p in points)
 
 
 def test_impossible_budget_names_closest_shape_and_budget(deploy_plan_dir, tiny_profile, fast_options, finished):
