@@ -70,7 +70,7 @@ class Calibration:
 
     def describe(self) -> str:
         a, b, c = self.speed
-        return (f"speed model: s/token = {a * 1e3:.3g} ms + {b * 1e9:.3g} ms/GB · W + {c * 1e3:.3g} ms · layers, "
+        return (f"speed model: s/token = {a * 1e3:.3g} ms + {b * 1e12:.3g} ms/GB · W + {c * 1e3:.3g} ms · layers, "
                 f"fitted on {len(self.points)} {self.backend}/{self.quant} probe subnets benched here "
                 f"({self.threads} threads); size = {self.size[0] / 1e6:.3f} MB + {self.size[1]:.4f} · W")
 

@@ -146,7 +146,7 @@ def write_report(dep, folder: Path, summary: dict[str, Any]) -> None:
                 f"layers), least squares with a, b, c ≥ 0 over {len(cal['points'])} probe subnets (the first layers "
                 f"of the widest and narrowest candidates) exported and benched on this machine "
                 f"({cal['machine'].split('|')[-1]}, {cal['threads']} threads): {probes}; a = {a * 1e3:.3g} ms, "
-                f"b = {b * 1e9:.3g} ms/GB, c = {c * 1e3:.3g} ms per layer. Its error on the deployed artifact is in "
+                f"b = {b * 1e12:.3g} ms/GB, c = {c * 1e3:.3g} ms per layer. Its error on the deployed artifact is in "
                 f"the table above. File size = c0 + c1·W with c0 = {cal['size'][0] / 1e6:.3f} MB, "
                 f"c1 = {cal['size'][1]:.4f}.")
     about = f" ({profile.description})" if profile.description else ""
