@@ -7,9 +7,10 @@ Models (all least squares over the calibration points, coefficients kept ≥ 0 w
 - memory:       peak RSS   = m0 + m1 · W  + KV cache at the profile's context length
 
 The probes are the first few layers of the widest and the narrowest candidate (``probe_shapes``), not
-candidates themselves: an ExecuTorch lowering costs ≈ 15 s per layer on 2 cores, so two mid-sized candidates
-cost ≈ 12 min while the probes cost ≈ 1–2 min — and they span W and L as widely, since every candidate shares
-the embedding and lm_head and differs only in how many layers of what width it streams. The fit is cached per
+candidates themselves: an ExecuTorch lowering costs ≈ 15–20 s per layer on 2 cores, so two mid-sized
+candidates (36 layers) took 714 s while the probes (13 layers) take ≈ 300 s on a 2-core AMD EPYC — and they span
+W and L as widely, since every candidate shares the embedding and lm_head and differs only in how many layers
+of what width it streams. The fit is cached per
 (source, backend, quant, export options, threads, machine, probes), so it is paid once.
 """
 
@@ -69,10 +70,15 @@ class Calibration:
         return self.memory[0] + self.memory[1] * w + kv
 
     def describe(self) -> str:
+        """The fitted models in words, with the probes they were fitted on (the deploy report's speed-model line)."""
         a, b, c = self.speed
-        return (f"speed model: s/token = {a * 1e3:.3g} ms + {b * 1e12:.3g} ms/GB · W + {c * 1e3:.3g} ms · layers, "
-                f"fitted on {len(self.points)} {self.backend}/{self.quant} probe subnets benched here "
-                f"({self.threads} threads); size = {self.size[0] / 1e6:.3f} MB + {self.size[1]:.4f} · W")
+        probes = ", ".join(f"{p.shape} ({p.decode_tok_s:.0f} tok/s)" for p in self.points)
+        return (f"Speed model: seconds/token = a + b·W + c·L (W = the quant scheme's priced weight bytes, L = kept "
+                f"layers), least squares with a, b, c ≥ 0 over {len(self.points)} probe subnets (the first layers "
+                f"of the widest and narrowest candidates) exported as {self.backend}/{self.quant} and benched on "
+                f"this machine ({self.machine.split('|')[-1]}, {self.threads} threads): {probes}; "
+                f"a = {a * 1e3:.3g} ms, b = {b * 1e12:.3g} ms/GB, c = {c * 1e3:.3g} ms per layer. "
+                f"File size = c0 + c1·W with c0 = {self.size[0] / 1e6:.3f} MB, c1 = {self.size[1]:.4f}.")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -104,7 +110,8 @@ def fit_nonnegative(features: list[list[float]], ys: list[float]) -> tuple[float
 
     x, y = np.asarray(features, dtype=np.float64).T, np.asarray(ys, dtype=np.float64)
     # Columns scaled to unit norm: W (≈1e8) next to a column of ones would make lstsq's rank cut drop a term.
-    norms = np.where(np.linalg.norm(x, axis=0) > 0, np.linalg.norm(x, axis=0), 1.0)
+    norms = np.linalg.norm(x, axis=0)
+    norms[norms == 0] = 1.0
     xs = x / norms
     best, best_err = np.zeros(x.shape[1]), float(np.sum(y**2))
     for k in range(1, x.shape[1] + 1):

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .calibrate import Calibration
 from .search import MB, SearchResult
 
 
@@ -139,16 +140,8 @@ def write_report(dep, folder: Path, summary: dict[str, Any]) -> None:
     png = frontier_plot(result, folder / "frontier.png")
     tables = report_tables(dep, summary)
     profile = dep.profile
-    cal = result.calibration
-    a, b, c = cal["speed"]
-    probes = ", ".join(f"{pt['shape']} ({pt['decode_tok_s']:.0f} tok/s)" for pt in cal["points"])
-    cal_line = (f"Speed model: seconds/token = a + b·W + c·L (W = the quant scheme's priced weight bytes, L = kept "
-                f"layers), least squares with a, b, c ≥ 0 over {len(cal['points'])} probe subnets (the first layers "
-                f"of the widest and narrowest candidates) exported and benched on this machine "
-                f"({cal['machine'].split('|')[-1]}, {cal['threads']} threads): {probes}; a = {a * 1e3:.3g} ms, "
-                f"b = {b * 1e12:.3g} ms/GB, c = {c * 1e3:.3g} ms per layer. Its error on the deployed artifact is in "
-                f"the table above. File size = c0 + c1·W with c0 = {cal['size'][0] / 1e6:.3f} MB, "
-                f"c1 = {cal['size'][1]:.4f}.")
+    cal_line = Calibration.from_dict(result.calibration).describe() + (
+        " Its error on the deployed artifact is in the table above.")
     about = f" ({profile.description})" if profile.description else ""
     head = (f"Target **{profile.name}**{about}: {profile.backend}/{profile.quant}, "
             f"{profile.threads} threads, context {profile.context_length}. Source `{dep.source}`. "

@@ -56,4 +56,4 @@ def test_calibration_predicts_with_layers_and_round_trips():
     assert cal.predict_tok_s(10**8, 5) == pytest.approx(1 / (1e-3 + 1e-3 + 1e-3))
     assert Calibration.from_dict(cal.to_dict()) == cal
     # 1e-11 s/byte is 10 ms per GB streamed (an earlier describe() printed seconds per GB as "ms/GB").
-    assert "1 ms + 10 ms/GB · W + 0.2 ms · layers" in cal.describe()
+    assert "a = 1 ms, b = 10 ms/GB, c = 0.2 ms per layer" in cal.describe()
