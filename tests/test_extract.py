@@ -98,7 +98,7 @@ def test_pick_for_params_matches_one_forward_per_row(tiny_plan_dir, monkeypatch,
 
     elastic, plan = load_elastic(tiny_plan_dir, depth_maps=False)
     budget = int(plan.params_for(plan.full_shape()) * fraction)
-    fast = pick_for_params(elastic, plan, budget, stride=1)
+    fast = pick_for_params(elastic, plan, budget, stride=1, finalists=1)
     candidates = [s for m in WIDTH_MODES for s in sorted(plan.shapes_for_params(budget, m), key=lambda s: s.depth)]
     rows = measurement_rows("calibration", load_tokenizer(plan.model_dir), 256, 512).rows
     monkeypatch.setattr(select, "RANK_BATCH_TOKENS", 1)  # one row per forward
@@ -124,11 +124,38 @@ def test_pick_for_params_coarse_to_fine(tiny_plan_dir):
     candidates = plan.shapes_for_params(budget, "uniform") + plan.shapes_for_params(budget, "global")
     rows = measurement_rows("calibration", load_tokenizer(plan.model_dir), 256, 512).rows
     best_ppl, best = rank_shapes(elastic, candidates, rows)[0]
-    full = pick_for_params(elastic, plan, budget, stride=1)
+    full = pick_for_params(elastic, plan, budget, stride=1, finalists=1)
     assert full.name == best.name and full.meta["pick"]["ranked"] == full.meta["pick"]["candidates"] == len(candidates)
     assert full.meta["pick"]["calibration_ppl"] == pytest.approx(best_ppl, rel=1e-4)
-    coarse = pick_for_params(elastic, plan, budget, stride=2)
+    coarse = pick_for_params(elastic, plan, budget, stride=2, finalists=1)
     pick = coarse.meta["pick"]
     assert pick["candidates"] == len(candidates) and pick["ranked"] <= len(candidates)
     assert pick["calibration_ppl"] >= best_ppl * (1 - 1e-4)
     assert plan.params_for(coarse) <= budget
+
+
+def test_pick_for_params_reranks_its_leaders_on_more_tokens(tiny_plan_dir):
+    """The pick is the best of the first ranking's leading distinct shapes ranked again on more calibration rows
+    (spread over the split); with one finalist it is the first ranking's best."""
+    from amoeba_export.data import measurement_rows
+    from amoeba_export.extract import _widths, pick_for_params
+    from amoeba_export.modelio import load_tokenizer
+    from amoeba_export.plan.select import rank_shapes
+
+    elastic, plan = load_elastic(tiny_plan_dir, depth_maps=False)
+    budget = plan.params_for(plan.full_shape()) * 6 // 10
+    candidates = plan.shapes_for_params(budget, "uniform") + plan.shapes_for_params(budget, "global")
+    first = rank_shapes(elastic, candidates, measurement_rows("calibration", load_tokenizer(plan.model_dir), 256,
+                                                              512).rows)
+    leaders = list({_widths(s): s for _, s in reversed(first)}.values())[::-1][:3]
+    assert len(leaders) == 3
+    final_rows = measurement_rows("calibration", load_tokenizer(plan.model_dir), 256, 1024).rows
+    expected = rank_shapes(elastic, leaders, final_rows)
+    pick = pick_for_params(elastic, plan, budget, stride=1, finalists=3, final_tokens=1024)
+    assert _widths(pick) == _widths(expected[0][1])
+    final = pick.meta["pick"]["final"]
+    assert final["calibration_tokens"] == 1024 and len(final["shapes"]) == 3
+    assert final["calibration_ppl"][0] == pytest.approx(expected[0][0], rel=1e-4)
+    assert final["calibration_ppl"] == sorted(final["calibration_ppl"])
+    one = pick_for_params(elastic, plan, budget, stride=1, finalists=1)
+    assert _widths(one) == _widths(first[0][1]) and "final" not in one.meta["pick"]

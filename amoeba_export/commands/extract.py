@@ -67,9 +67,14 @@ def run(args: argparse.Namespace) -> int:
           f"width compensation {rec.get('width', 'none')}{maps}, {time.perf_counter() - start:.2f} s")
     pick = meta["shape"].get("meta", {}).get("pick")
     if pick:
-        print(f"  picked by calibration perplexity {pick['calibration_ppl']:.2f} ({pick['calibration_tokens']:,} "
-              f"tokens): ranked {pick['ranked']} of {pick['candidates']} candidate shapes"
-              f"{_measured(pick)} in {pick['seconds']:.1f} s")
+        final = pick.get("final")
+        ppl, tokens = ((final["calibration_ppl"][0], final["calibration_tokens"]) if final
+                       else (pick["calibration_ppl"], pick["calibration_tokens"]))
+        again = (f", then the best {len(final['shapes'])} again on {final['calibration_tokens']:,} tokens"
+                 if final else "")
+        print(f"  picked by calibration perplexity {ppl:.2f} ({tokens:,} tokens): ranked {pick['ranked']} of "
+              f"{pick['candidates']} candidate shapes{_measured(pick)} on {pick['calibration_tokens']:,} tokens"
+              f"{again}, in {pick['seconds']:.1f} s")
     if meta.get("not_stock_because"):
         print(f"  amoeba_llama (loads with trust_remote_code; model code travels in the folder) because "
               f"{meta['not_stock_because']}")

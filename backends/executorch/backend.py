@@ -21,6 +21,12 @@ lengths roughly double the lowering time (measured on a 2-layer SmolLM2-sized mo
 static). But it decodes slower, not only prefills: a 4-layer SmolLM2 probe (8da4w-attn, 2 threads, 64 tokens,
 two runs each, side by side) decoded at 316 / 361 tok/s static vs 555 / 594 tok/s dynamic — so the deploy
 search's speed calibration exports dynamic programs like the artifact it predicts. Prefill runs at decode speed.
+
+The q/k/v and gate/up linears are not fused into one matmul each (ExecuTorch 1.4.1): tried on a 4-layer SmolLM2
+probe (8da4w-attn, weights concatenated after quantization, outputs split back), lowering took as long (45-54 s
+either way) and the split is not delegated — each layer's XNNPACK partition breaks around a portable
+``split_with_sizes_copy`` (or ``slice_copy``) — so decode was no faster (interleaved runs: 444 vs 528 tok/s
+median, within this VM's noise).
 """
 
 from __future__ import annotations

@@ -30,7 +30,6 @@ SAMPLES = ["The cat sat on the mat, 12 times in 2024! I've been 'told he's there
            "Caf\u00e9 na\u00efve \u00fcber \u2014 \u65e5\u672c\u8a9e and emoji \U0001f600 fall back to bytes.",
            "def area(r):\n    return 3.14159 * r ** 2  # circle\n\n\n  trailing  spaces  ",
            "Elastic subnets keep any depth and width: GGUF files for llama.cpp.\nIn 2024, 12 models ran."]
-pytest.importorskip("sentencepiece", reason="the tiny tokenizers are trained with sentencepiece")
 SOURCE = llama_cpp_source(download=False)
 needs_converter = pytest.mark.skipif(
     SOURCE is None, reason="llama-cpp-python 0.3.36 sdist not in the cache (make setup fetches it; no network here)")

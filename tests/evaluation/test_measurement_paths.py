@@ -76,12 +76,14 @@ def test_extract_params_ranks_on_spread_calibration_rows(tiny_plan_dir, monkeypa
     elastic, plan = load_elastic(tiny_plan_dir)
     pick_for_params(elastic, plan, plan.params_for(plan.full_shape(), compensate=False) // 2)
     calib = split_tokens("calibration", load_tokenizer(plan.model_dir))
-    rows = seen[0]  # the same rows for the coarse and the fine pass
-    assert rows.shape == (2, 256) and all(r.equal(rows) for r in seen)
+    rows, final = seen[0], seen[-1]  # the same rows for the coarse and the fine pass, more for the finalists
+    assert rows.shape == (2, 256) and all(r.equal(rows) for r in seen[:-1])
+    assert final.shape == (8, 256)
     # not lcet10.txt's first tokens: each row is a window of the split, the first well inside it
-    starts = [next(int(i) for i in (calib == r[0]).nonzero().flatten() if calib[int(i): int(i) + 256].equal(r))
-              for r in rows]
-    assert starts[0] > calib.numel() // 4 and starts[1] > starts[0] + 256
+    for some in (rows, final):
+        starts = [next(int(i) for i in (calib == r[0]).nonzero().flatten() if calib[int(i): int(i) + 256].equal(r))
+                  for r in some]
+        assert starts[0] > calib.numel() // (len(some) + 2) and all(b >= a + 256 for a, b in zip(starts, starts[1:]))
 
 
 def test_demo_table_measures_on_spread_rows(tiny_dir, tmp_path, monkeypatch):
