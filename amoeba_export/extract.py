@@ -294,14 +294,18 @@ def pick_for_params(elastic: ElasticLM, plan, params: int, mode: str | None = No
     best = by_mode[m][i]
     pick = {"candidates": sum(map(len, by_mode)), "ranked": len(scores), "measured": len(measured),
             "calibration_tokens": int(rows.numel()), "calibration_ppl": round(scores[m, i], 4)}
-    # Distinct shapes in the first ranking's order (both modes can give one shape: it is one finalist).
-    leaders = list({_widths(by_mode[m][i]): by_mode[m][i] for m, i in sorted(scores, key=scores.get)}.values())
+    # Distinct shapes in the first ranking's order (both modes can give one shape: it is one finalist, under the
+    # name it ranked first with).
+    distinct: dict[tuple, Shape] = {}
+    for m, i in sorted(scores, key=scores.get):
+        distinct.setdefault(_widths(by_mode[m][i]), by_mode[m][i])
+    leaders = list(distinct.values())
     if finalists > 1 and len(leaders) > 1 and final_tokens > calibration_tokens:
         final_start = time.perf_counter()
         final_rows = measurement_rows("calibration", load_tokenizer(plan.model_dir), 256, final_tokens).rows
         with elastic.without_depth_maps():
             final = rank_shapes(elastic, leaders[:finalists], final_rows)
-        ppl, best = final[0]
+        best = final[0][1]
         pick["final"] = {"shapes": [s.name for _, s in final], "calibration_tokens": int(final_rows.numel()),
                          "calibration_ppl": [round(p, 4) for p, _ in final],
                          "seconds": round(time.perf_counter() - final_start, 2)}

@@ -12,6 +12,7 @@ held-out rows of 256 tokens spread over the split (``amoeba_export.evaluation.re
 bench/executorch_recipe_sweep.py measures recipes).
 
     python bench/qat_gain.py [--plan DIR] [--steps 20] [--tokens 1024] [--threads 1] [--qat-scales absmax|hqq]
+                             [--qat-teacher labels|base]
                              [--work DIR] [--reuse]
 
 ``--reuse`` keeps every stage (run, extraction, measurement) whose inputs — the identity of what it reads and
@@ -118,7 +119,7 @@ def wait_for_plan(plan: Path) -> None:
 
 
 def main() -> int:
-    from amoeba_export.finetune.config import QAT_SCALES  # torch-free
+    from amoeba_export.finetune.config import QAT_SCALES, QAT_TEACHERS  # torch-free
     from amoeba_export.paths import cache_dir
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -131,6 +132,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--qat-scales", choices=QAT_SCALES, default=None,
                     help="int4 scales of the QAT run (amoeba train --qat-scales; default: train's, absmax)")
+    ap.add_argument("--qat-teacher", choices=QAT_TEACHERS, default=None,
+                    help="what the QAT run's shapes learn from (amoeba train --qat-teacher; default: train's, labels)")
     ap.add_argument("--work", type=Path, default=None, help="work folder (default: <cache>/bench/qat_gain)")
     ap.add_argument("--reuse", action="store_true", help="keep the stages whose inputs did not change")
     args = ap.parse_args()
@@ -155,7 +158,8 @@ def main() -> int:
     # -- two fine-tunes, identical but for --qat ----------------------------------------------------------
     common = ["--steps", str(args.steps), "--lr", repr(args.lr), "--seed", str(args.seed), "--seq-len", str(SEQ_LEN),
               "--batch-size", "1", "--save-every", str(args.steps)]
-    extra = {"plain": [], "qat": ["--qat", RECIPE] + (["--qat-scales", args.qat_scales] if args.qat_scales else [])}
+    extra = {"plain": [], "qat": ["--qat", RECIPE] + (["--qat-scales", args.qat_scales] if args.qat_scales else [])
+             + (["--qat-teacher", args.qat_teacher] if args.qat_teacher else [])}
     runs = {r: work / f"run-{r}" for r in RUNS}
     train_out = {}
     for r in RUNS:
@@ -223,7 +227,8 @@ def main() -> int:
 
     result = {
         "model": Path(plan.model_dir).name, "plan": str(args.plan), "plan_identity": stage_identity(args.plan),
-        "recipe": RECIPE, "qat_scales": args.qat_scales or "absmax", "steps": args.steps, "lr": args.lr,
+        "recipe": RECIPE, "qat_scales": args.qat_scales or "absmax",
+        "qat_teacher": args.qat_teacher or "labels", "steps": args.steps, "lr": args.lr,
         "seed": args.seed, "seq_len": SEQ_LEN, "batch_size": 1, "tokens": int(rows.numel()),
         "threads": args.threads, "half_budget": budget, "full_params": full_params,
         "shapes": {s: {k: v for k, v in shapes[s]["plain"].items() if k != "shape"} for s in SHAPES},

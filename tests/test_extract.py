@@ -147,7 +147,10 @@ def test_pick_for_params_reranks_its_leaders_on_more_tokens(tiny_plan_dir):
     candidates = plan.shapes_for_params(budget, "uniform") + plan.shapes_for_params(budget, "global")
     first = rank_shapes(elastic, candidates, measurement_rows("calibration", load_tokenizer(plan.model_dir), 256,
                                                               512).rows)
-    leaders = list({_widths(s): s for _, s in reversed(first)}.values())[::-1][:3]
+    distinct: dict = {}
+    for _, shape in first:
+        distinct.setdefault(_widths(shape), shape)
+    leaders = list(distinct.values())[:3]
     assert len(leaders) == 3
     final_rows = measurement_rows("calibration", load_tokenizer(plan.model_dir), 256, 1024).rows
     expected = rank_shapes(elastic, leaders, final_rows)

@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         flag = "--" + name.removeprefix("smol_").replace("_", "-") if name.startswith("smol_") else \
             "--" + name.replace("_", "-")
         parser.add_argument(flag, dest=name, type=typ, default=None)
-    from ..finetune.config import QAT_SCALES, QAT_SCHEMES  # torch-free
+    from ..finetune.config import QAT_SCALES, QAT_SCHEMES, QAT_TEACHERS  # torch-free
 
     parser.add_argument("--qat", metavar="SCHEME",
                         help="quantization-aware training: fake-quantize the decoder linears as this ExecuTorch "
@@ -42,6 +42,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--qat-scales", metavar="KIND",
                         help=f"int4 scales under --qat ({', '.join(QAT_SCALES)}; default absmax, torchao's QAT; "
                              "hqq: the recipe's own, slower)")
+    parser.add_argument("--qat-teacher", metavar="KIND",
+                        help=f"what quantized shapes learn from under --qat ({', '.join(QAT_TEACHERS)}; default "
+                             "base: the frozen base model's full-precision logits, one more forward per step; "
+                             "labels: the text, as without --qat)")
     parser.add_argument("--no-balance", action="store_true", help="turn loss-magnitude balancing off (ablation)")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
@@ -58,7 +62,7 @@ def resolve_config(args: argparse.Namespace):
     changes = {k: getattr(args, k) for k in OVERRIDES if getattr(args, k, None) is not None}
     if args.data:
         changes["data_files"] = tuple(str(Path(p).absolute()) for p in args.data)
-    for name in ("qat", "qat_scales"):
+    for name in ("qat", "qat_scales", "qat_teacher"):
         if getattr(args, name) is not None:
             changes[name] = getattr(args, name)
     if args.no_balance:

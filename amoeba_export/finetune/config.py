@@ -22,11 +22,23 @@ QAT_SCHEMES = ("8da4w", "8da4w-attn", "8da8w")
 # How QAT picks the int4 groups' scales: "absmax" (torchao's QAT: max|w| / 7.5, gradients through it) or "hqq"
 # (the recipe's own HQQ scale-only scales, fixed per forward: the QAT forward is then the exported linear's).
 QAT_SCALES = ("absmax", "hqq")
+# What the quantized shapes learn from under QAT: "base" (default: every shape, the largest included, distilled from
+# the frozen base model's full-precision logits — what the quantized subnets should reproduce) or "labels" (the
+# largest shape's cross-entropy on the text, the others distilled from the largest's quantized logits, as without
+# QAT). Measured side by side (bench/qat_gain.py, SmolLM2-135M, 20 steps; 8da4w perplexity, plain / labels / base):
+# full shape 30.77 / 29.40 / 28.87, ≈ 50 % shape 405.0 / 438.6 / 367.7. The adapted weights' own unquantized forward
+# as teacher (tried, not shipped) gave 30.74 / 505.7: its perplexity ratio looked best only because the adapters
+# pulled the fp32 model toward its quantized self (full-shape fp32 23.6 → 27.7).
+QAT_TEACHERS = ("base", "labels")
 
 
-def qat_problems(scheme: str | None, scales: str) -> list[str]:
+def qat_problems(scheme: str | None, scales: str, teacher: str = QAT_TEACHERS[0]) -> list[str]:
     """What is wrong with quantization-aware training settings (``scheme`` None: QAT off)."""
     out = []
+    if teacher not in QAT_TEACHERS:
+        out.append(f"qat_teacher {teacher!r} is not a QAT teacher (supported are: {', '.join(QAT_TEACHERS)})")
+    elif scheme is None and teacher != QAT_TEACHERS[0]:  # "labels" without QAT is just the plain fine-tune
+        out.append(f"qat_teacher {teacher!r} needs a qat scheme (supported are: {', '.join(QAT_SCHEMES)})")
     if scheme is not None and scheme not in QAT_SCHEMES:
         out.append(f"qat {scheme!r} is not a quantization-aware training scheme "
                    f"(supported are: {', '.join(QAT_SCHEMES)})")
@@ -109,6 +121,7 @@ class TrainConfig:
     # with int4 scales chosen as qat_scales says (one of QAT_SCALES).
     qat: str | None = None
     qat_scales: str = "absmax"
+    qat_teacher: str = QAT_TEACHERS[0]  # one of QAT_TEACHERS (configs from before it: "labels", see from_dict)
     smol: SMoLConfig = field(default_factory=SMoLConfig)
     version: int = CONFIG_VERSION
 
@@ -143,7 +156,7 @@ class TrainConfig:
             out.append(f"data_format must be one of {', '.join(DATA_FORMATS)}, got {self.data_format!r}")
         if self.max_train_tokens is not None and self.max_train_tokens < self.seq_len:
             out.append(f"max_train_tokens must be >= seq_len ({self.seq_len}), got {self.max_train_tokens}")
-        out.extend(qat_problems(self.qat, self.qat_scales))
+        out.extend(qat_problems(self.qat, self.qat_scales, self.qat_teacher))
         out.extend(self.smol.problems())
         return out
 
@@ -178,6 +191,8 @@ class TrainConfig:
             if key in smol_d:
                 smol_d[key] = tuple(smol_d[key])
         top = {k: v for k, v in d.items() if k != "smol"}
+        if top.get("qat") is not None and "qat_teacher" not in top:
+            top["qat_teacher"] = "labels"  # a QAT run from before the field trained on labels: resumes as it ran
         if "data_files" in top:
             top["data_files"] = tuple(top["data_files"])
         try:

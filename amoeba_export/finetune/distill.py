@@ -98,12 +98,17 @@ class StepLosses:
 
 def distill_step_losses(logits: Sequence[torch.Tensor], ids: torch.Tensor, mask: torch.Tensor, *,
                         temperature: float, balance_losses: bool, world_size: int = 1,
-                        reduce: Reduce | None = None) -> StepLosses:
-    """Loss of one sandwich step; ``logits[0]`` is the largest shape (the teacher)."""
+                        reduce: Reduce | None = None, teacher: torch.Tensor | None = None) -> StepLosses:
+    """Loss of one sandwich step; ``logits[0]`` is the largest shape (the teacher), unless ``teacher`` (logits from
+    elsewhere, e.g. the largest shape's full-precision forward under QAT) is given: then every shape, the largest
+    included, is distilled from it."""
     reduce = reduce or (lambda t: t)
-    teacher = logits[0].detach()
-    sums = [token_losses(logits[0], ids, mask)]
-    sums += [token_losses(lg, ids, mask, teacher, temperature) for lg in logits[1:]]
+    if teacher is None:
+        teacher = logits[0].detach()
+        sums = [token_losses(logits[0], ids, mask)]
+        sums += [token_losses(lg, ids, mask, teacher, temperature) for lg in logits[1:]]
+    else:
+        sums = [token_losses(lg, ids, mask, teacher.detach(), temperature) for lg in logits]
     count = reduce(mask[:, 1:].sum().to(torch.float64).reshape(1))[0].clamp_min(1)
     # Gradients are averaged over processes, hence ×world_size: the mean over processes is the global mean.
     local = [s * (world_size / count).to(s.dtype) for s in sums]

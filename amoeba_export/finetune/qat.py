@@ -35,7 +35,8 @@ a ``down_proj`` has that weight quantized after the fold, which training did not
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -176,6 +177,21 @@ def attach_fake_quant(elastic: ElasticLM, scheme: str, *, scales: str = "absmax"
             lin.fake_quant = hook
             hooks.append(hook)
     return hooks
+
+
+@contextmanager
+def base_model(elastic: ElasticLM) -> Iterator[None]:
+    """Forwards of the frozen base model inside the block — no fake quantization, no adapter (the teacher of
+    ``qat_teacher="base"``); hooks and adapters come back afterwards, also on error."""
+    linears = [lin for block in elastic.layers for lin in block.projections().values()]
+    saved = [(lin.fake_quant, lin.adapter) for lin in linears]
+    try:
+        for lin in linears:
+            lin.fake_quant = lin.adapter = None
+        yield
+    finally:
+        for lin, (hook, adapter) in zip(linears, saved):
+            lin.fake_quant, lin.adapter = hook, adapter
 
 
 def detach_fake_quant(elastic: ElasticLM) -> None:

@@ -260,10 +260,20 @@ def train(plan_dir: str | Path, config: TrainConfig, out: str | Path, *, resume:
         shapes = sampler.shapes(step)
         ids, mask = rows.batch(step, rank, world, config.batch_size, config.seed)
         ids, mask = ids.to(acc.device), mask.to(acc.device)
+        seeds = _noise_seeds(config.seed, step, len(shapes))
+        teacher = None
+        if config.qat is not None and config.qat_teacher == "base":
+            # The frozen base model's full shape (no adapter, no fake quantization): a fixed target (config.py
+            # QAT_TEACHERS has the measurements).
+            from .qat import base_model
+
+            with torch.no_grad(), acc.autocast(), base_model(elastic):
+                teacher = elastic(ids, shapes[0])
         with acc.autocast():
-            logits = ddp_model(ids, shapes, _noise_seeds(config.seed, step, len(shapes)))
+            logits = ddp_model(ids, shapes, seeds)
         losses = distill_step_losses(logits, ids, mask, temperature=config.temperature,
-                                     balance_losses=config.balance, world_size=world, reduce=reduce_sum)
+                                     balance_losses=config.balance, world_size=world, reduce=reduce_sum,
+                                     teacher=teacher)
         acc.backward(losses.total)
         if config.max_grad_norm > 0:
             acc.clip_grad_norm_(params, config.max_grad_norm)

@@ -16,7 +16,7 @@ from amoeba_export.extract import write_subnet
 from amoeba_export.finetune.config import QAT_SCHEMES, TrainConfig
 from amoeba_export.finetune.distill import distill_step_losses
 from amoeba_export.finetune.model import SMoLModel, merge_for_shape, model_adapters
-from amoeba_export.finetune.qat import attach_fake_quant, detach_fake_quant
+from amoeba_export.finetune.qat import attach_fake_quant, base_model, detach_fake_quant
 from amoeba_export.modelio import load_model
 from amoeba_export.testing import TEXT
 
@@ -169,15 +169,55 @@ def test_qat_train_step_trains_the_lora_factors(tiny_plan, scales, one_thread):
                 ad.lora_B.add_(0.05 * torch.randn(ad.lora_B.shape, generator=torch.Generator().manual_seed(3)))
 
 
+def test_base_teacher_is_the_frozen_base_model_and_every_shape_learns_from_it(tiny_plan, one_thread):
+    """Inside ``base_model`` the QAT model with trained adapters computes exactly the base model (no adapter, no
+    fake quantization), and hooks and adapters are back afterwards; with that teacher every shape's loss, the
+    largest's included, is the soft cross-entropy to it instead of the largest's cross-entropy on the text."""
+    from amoeba_export.finetune.config import SMoLConfig
+    from amoeba_export.finetune.distill import token_losses
+    from amoeba_export.plan import load_elastic
+
+    base, plan = load_elastic(tiny_plan, depth_maps=False)
+    elastic, _ = load_elastic(tiny_plan, depth_maps=False)
+    model = SMoLModel(elastic, SMoLConfig(), seed=0).eval()
+    with torch.no_grad():
+        for ad in model_adapters(elastic):  # non-zero B: the adapters change the forward
+            ad.lora_B.copy_(0.05 * torch.randn(ad.lora_B.shape, generator=torch.Generator().manual_seed(1)))
+    ids = torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(0))
+    shapes = [plan.shape(4, 1.0), plan.shape(2, 0.5)]
+    with torch.no_grad():
+        want_teacher = base(ids, shapes[0])
+        adapted = model.run_shape(ids, shapes[0])
+        hooks = attach_fake_quant(elastic, "8da4w")
+        quantized = model.run_shape(ids, shapes[0])
+        with base_model(elastic):
+            teacher = elastic(ids, shapes[0])
+        assert torch.allclose(teacher, want_teacher, atol=1e-5)
+        assert not torch.allclose(adapted, want_teacher, atol=1e-3)
+        assert not torch.allclose(quantized, adapted, atol=1e-3)
+        assert torch.equal(model.run_shape(ids, shapes[0]), quantized)  # hooks and adapters restored
+        assert [lin.fake_quant for b in elastic.layers for lin in b.projections().values()] == hooks
+    mask = torch.ones_like(ids)
+    logits = model(ids, shapes)
+    losses = distill_step_losses(logits, ids, mask, temperature=1.0, balance_losses=False, teacher=teacher)
+    count = mask[:, 1:].sum().item()
+    want = [float(token_losses(lg, ids, mask, teacher, 1.0).detach()) / count for lg in logits]
+    assert losses.per_shape == pytest.approx(want, rel=1e-5)
+    labels = distill_step_losses(logits, ids, mask, temperature=1.0, balance_losses=False)
+    assert labels.per_shape[0] == pytest.approx(float(token_losses(logits[0], ids, mask).detach()) / count, rel=1e-5)
+    assert labels.per_shape[0] != pytest.approx(losses.per_shape[0], rel=1e-3)
+
+
 def test_train_cli_with_qat_records_it(tiny_plan, tmp_path, one_thread):
     data = tmp_path / "train.txt"
     data.write_text(TEXT)
     out = tmp_path / "run"
     assert main(["train", "--plan", str(tiny_plan), "--out", str(out), "--data", str(data), "--seq-len", "16",
-                 "--steps", "2", "--lr", "1e-2", "--quiet", "--qat", "8da4w", "--qat-scales", "hqq"]) == 0
+                 "--steps", "2", "--lr", "1e-2", "--quiet", "--qat", "8da4w", "--qat-scales", "hqq",
+                 "--qat-teacher", "base"]) == 0
     meta = json.loads((out / "meta.json").read_text())
     assert meta["qat"] == {"scheme": "8da4w", "scales": "hqq"}
-    assert (meta["train"]["qat"], meta["train"]["qat_scales"]) == ("8da4w", "hqq")
+    assert (meta["train"]["qat"], meta["train"]["qat_scales"], meta["train"]["qat_teacher"]) == ("8da4w", "hqq", "base")
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert all(torch.isfinite(torch.tensor(list(e["loss"].values()))).all() for e in log)
 
@@ -189,6 +229,10 @@ def test_bad_qat_scheme_is_a_config_error(tiny_plan, tmp_path, capsys):
         TrainConfig(qat="8da4w", qat_scales="gptq").validate()
     with pytest.raises(ConfigError, match=r"qat_scales 'hqq' needs a qat scheme"):
         TrainConfig(qat_scales="hqq").validate()
+    with pytest.raises(ConfigError, match=r"qat_teacher 'labels' needs a qat scheme"):
+        TrainConfig(qat_teacher="labels").validate()
+    with pytest.raises(ConfigError, match=r"qat_teacher 'int8' .*\(supported are: base, labels\)"):
+        TrainConfig(qat="8da4w", qat_teacher="int8").validate()
     with pytest.raises(ConfigError, match=r"supported are: 8da4w, 8da4w-attn, 8da8w"):
         attach_fake_quant(None, "8da4w-g128")  # the same check where QAT is switched on
     assert main(["train", "--plan", str(tiny_plan), "--out", str(tmp_path / "run"), "--qat", "4bit"]) == 2
@@ -198,8 +242,12 @@ def test_bad_qat_scheme_is_a_config_error(tiny_plan, tmp_path, capsys):
 
 
 def test_qat_round_trips_and_older_configs_load_without_it():
-    config = TrainConfig(qat="8da4w-attn", qat_scales="hqq").validate()
+    config = TrainConfig(qat="8da4w-attn", qat_scales="hqq", qat_teacher="base").validate()
     assert TrainConfig.from_dict(json.loads(config.to_json())) == config
     old = TrainConfig().to_dict()
-    del old["qat"], old["qat_scales"]
+    del old["qat"], old["qat_scales"], old["qat_teacher"]
     assert TrainConfig.from_dict(old) == TrainConfig()
+    # A QAT run written before the teacher was a field trained on labels, and resumes so.
+    old_qat = TrainConfig(qat="8da4w").to_dict()
+    del old_qat["qat_teacher"]
+    assert TrainConfig.from_dict(old_qat).qat_teacher == "labels" and TrainConfig(qat="8da4w").qat_teacher == "base"
