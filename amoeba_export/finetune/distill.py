@@ -100,8 +100,8 @@ def distill_step_losses(logits: Sequence[torch.Tensor], ids: torch.Tensor, mask:
                         temperature: float, balance_losses: bool, world_size: int = 1,
                         reduce: Reduce | None = None, teacher: torch.Tensor | None = None) -> StepLosses:
     """Loss of one sandwich step; ``logits[0]`` is the largest shape (the teacher), unless ``teacher`` (logits from
-    elsewhere, e.g. the largest shape's full-precision forward under QAT) is given: then every shape, the largest
-    included, is distilled from it."""
+    elsewhere: the frozen base model's full shape under QAT's ``qat_teacher="base"``) is given: then every shape,
+    the largest included, is distilled from it."""
     reduce = reduce or (lambda t: t)
     if teacher is None:
         teacher = logits[0].detach()
