@@ -26,7 +26,8 @@ QAT_SCALES = ("absmax", "hqq")
 # the frozen base model's full-precision logits — what the quantized subnets should reproduce) or "labels" (the
 # largest shape's cross-entropy on the text, the others distilled from the largest's quantized logits, as without
 # QAT). Measured side by side (bench/qat_gain.py, SmolLM2-135M, 20 steps; 8da4w perplexity, plain / labels / base):
-# full shape 30.77 / 29.40 / 28.87, ≈ 50 % shape 405.0 / 438.6 / 367.7. The adapted weights' own unquantized forward
+# full shape 30.77 / 29.40 / 28.87, ≈ 50 % shape 405.0 / 438.6 / 367.7 (seed 1: 29.57 / 27.88 / 28.04 and 378.8 /
+# 378.5 / 385.2 — base wins on average over the two seeds, not on each). The adapted weights' own unquantized forward
 # as teacher (tried, not shipped) gave 30.74 / 505.7: its perplexity ratio looked best only because the adapters
 # pulled the fp32 model toward its quantized self (full-shape fp32 23.6 → 27.7).
 QAT_TEACHERS = ("base", "labels")
