@@ -271,7 +271,8 @@ def pick_for_params(elastic: ElasticLM, plan, params: int, mode: str | None = No
             problems.append(exc)
     if not by_mode:
         raise problems[0]
-    rows = measurement_rows("calibration", load_tokenizer(plan.model_dir), 256, calibration_tokens).rows
+    tokenizer = load_tokenizer(plan.model_dir)
+    rows = measurement_rows("calibration", tokenizer, 256, calibration_tokens).rows
     scores: dict[tuple[int, int], float] = {}  # (mode index, position in its depth order) → perplexity
     measured: dict[tuple, float] = {}  # widths → perplexity: each distinct shape runs once
 
@@ -303,7 +304,7 @@ def pick_for_params(elastic: ElasticLM, plan, params: int, mode: str | None = No
     leaders = list(distinct.values())
     if finalists > 1 and len(leaders) > 1 and final_tokens > calibration_tokens:
         final_start = time.perf_counter()
-        final_rows = measurement_rows("calibration", load_tokenizer(plan.model_dir), 256, final_tokens).rows
+        final_rows = measurement_rows("calibration", tokenizer, 256, final_tokens).rows
         with elastic.without_depth_maps():
             final = rank_shapes(elastic, leaders[:finalists], final_rows)
         best = final[0][1]

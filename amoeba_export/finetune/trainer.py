@@ -187,7 +187,7 @@ def train(plan_dir: str | Path, config: TrainConfig, out: str | Path, *, resume:
         elastic.to(torch.bfloat16)
     model = SMoLModel(elastic, config.smol, seed=config.seed, gradient_checkpointing=config.gradient_checkpointing)
     if config.qat is not None:  # forwards fake-quantize as the export recipe will; the weights stay fp32
-        from .qat import attach_fake_quant
+        from .qat import attach_fake_quant, base_model
 
         attach_fake_quant(elastic, config.qat, scales=config.qat_scales)
     start_step = 0
@@ -265,8 +265,6 @@ def train(plan_dir: str | Path, config: TrainConfig, out: str | Path, *, resume:
         if config.qat is not None and config.qat_teacher == "base":
             # The frozen base model's full shape (no adapter, no fake quantization): a fixed target (config.py
             # QAT_TEACHERS has the measurements).
-            from .qat import base_model
-
             with torch.no_grad(), acc.autocast(), base_model(elastic):
                 teacher = elastic(ids, shapes[0])
         with acc.autocast():
