@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 
 # verb -> (module under amoeba_export.commands, one-line help). Order = order in --help.
@@ -21,6 +22,34 @@ VERBS: dict[str, tuple[str, str]] = {
     "deploy": ("deploy", "search → extract → export → validate → bench → report for a target"),
     "demo": ("demo", "the main job on the shipped default model"),
 }
+
+
+# Third-party log lines that print on every command and mean nothing to a user, as (logger, text it contains,
+# why it is noise). Filtered by message, not by silencing the loggers: their other warnings still show.
+NOISE: tuple[tuple[str, str, str], ...] = (
+    # transformers imports torchao's quantizer when it loads any model; torchao then tries its CUDA-only kernel
+    # libraries (_C_cutlass_90a, _C_mxfp8) and logs each failure on a CPU machine.
+    ("torchao", "Failed to load", "CUDA-only kernels on a machine without CUDA"),
+    # torchao registers its config enums with torch's pytree, which now warns that this is unneeded.
+    ("torch.utils._pytree", "register_constant()", "a deprecation inside torchao, not in our code"),
+)
+
+
+class _DropNoise(logging.Filter):
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+def quiet_third_party_noise() -> None:
+    """Install the :data:`NOISE` filters (idempotent)."""
+    for name, text, _why in NOISE:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropNoise) and f.text == text for f in logger.filters):
+            logger.addFilter(_DropNoise(text))
 
 
 def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
@@ -51,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.verb is None:
         parser.print_help()
         return 2
+    quiet_third_party_noise()
     try:
         return int(_module(VERBS[args.verb][0]).run(args) or 0)
     except AmoebaError as exc:

@@ -20,6 +20,7 @@ from .artifacts import atomic_dir, read_meta, write_json, write_meta
 from .elastic import ElasticLM
 from .errors import OutputExistsError, ShapeError
 from .identity import stage_identity
+from .precision import resolve
 from .reconstruct import DepthMaps
 from .shape import Shape
 
@@ -136,8 +137,11 @@ def _stock_biases(sd: dict[str, torch.Tensor], cfg: dict[str, Any], shape: Shape
 
 
 def write_subnet(elastic: ElasticLM, shape: Shape, out: str | Path, *, source_dir: str | Path,
-                 meta: dict[str, Any] | None = None, force: bool = False) -> Path:
-    """Write ``shape`` of ``elastic`` as an HF folder (tokenizer copied from ``source_dir``)."""
+                 meta: dict[str, Any] | None = None, force: bool = False, started: float | None = None) -> Path:
+    """Write ``shape`` of ``elastic`` as an HF folder (tokenizer copied from ``source_dir``).
+
+    ``started``: when the whole extraction began (``time.perf_counter()``), for ``total_seconds`` in the meta;
+    ``extract_seconds`` is this call's own (depth-map fit, width solves, writing)."""
     from safetensors.torch import save_file
 
     from . import hf
@@ -165,6 +169,7 @@ def write_subnet(elastic: ElasticLM, shape: Shape, out: str | Path, *, source_di
             "params": params, "stock": cfg["model_type"] != "amoeba_llama", "model_type": cfg["model_type"],
             **({"not_stock_because": not_stock} if not_stock else {}),
             "extract_seconds": round(time.perf_counter() - start, 3),
+            **({"total_seconds": round(time.perf_counter() - started, 3)} if started is not None else {}),
             "reconstruction": {"width": elastic.compensation_mode,
                                **(maps.describe() if maps is not None else {"depth_maps": []})},
             **(meta or {}),
@@ -213,26 +218,31 @@ def prepare_shape(elastic: ElasticLM, shape: Shape) -> None:
 
 def extract_subnet(source: str | Path, out: str | Path, *, depth: int | None = None, width: float = 1.0,
                    mode: str | None = None, params: int | None = None, compensate: str | bool | None = None,
-                   depth_maps: bool | None = None, depth_map_tokens: int | None = None, round_to: int | None = None,
-                   method: str = "dp", force: bool = False) -> Path:
-    """``amoeba extract``: pick a shape by (depth, width) or by parameter budget and write it."""
+                   depth_maps: bool | None = None, depth_map_tokens: int | None = None, fit_precision: str = "auto",
+                   round_to: int | None = None, method: str = "dp", force: bool = False) -> Path:
+    """``amoeba extract``: pick a shape by (depth, width) or by parameter budget and write it.
+
+    ``fit_precision``: the depth maps' calibration pass (:data:`amoeba_export.precision.PRECISIONS`)."""
     start = time.perf_counter()
     if Path(out).exists() and not force:
         raise OutputExistsError(f"output folder {out} already exists", fix="pass --force to replace it")
-    plan = source_plan(source)  # fail on an impossible shape before loading any weights
+    resolve(fit_precision)  # fail on a bad name or an impossible shape before loading any weights
+    plan = source_plan(source)
     if params is None:
         if depth is None:
             raise ShapeError("no shape given", fix="pass --depth and --width, or --params")
         shape = plan.shape(depth, width, mode or "global", method=method, round_to=round_to)
     elastic, plan, source_meta = load_source(source, compensate=compensate, depth_maps=depth_maps,
                                              depth_map_tokens=depth_map_tokens, plan=plan)
+    if elastic.depth_reconstruction is not None:
+        elastic.set_depth_reconstruction(dataclasses.replace(elastic.depth_reconstruction, precision=fit_precision))
     if params is not None:
         shape = pick_for_params(elastic, plan, params, mode)
     prepare_shape(elastic, shape)
     path = write_subnet(elastic, shape, out, source_dir=plan.model_dir, force=force,
                         meta={"source": str(source), "source_kind": source_meta.get("kind"),
-                              "compensated": elastic.compensating, "source_identity": stage_identity(source),
-                              "total_seconds": round(time.perf_counter() - start, 3)})
+                              "compensated": elastic.compensating, "source_identity": stage_identity(source)},
+                        started=start)
     return path
 
 

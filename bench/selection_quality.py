@@ -126,13 +126,16 @@ def main() -> None:
     ap.add_argument("--task-examples", type=int, default=100, help="examples per BIG-bench task")
     ap.add_argument("--task-z", type=float, default=2.0, help="keep tasks this many standard errors above chance")
     ap.add_argument("--max-tasks", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (perplexities do not depend on it; extract_seconds does: a user's "
+                         "`amoeba extract` uses every core)")
     ap.add_argument("--only", default="depth,width,demo",
                     help="sections to run, comma-separated (depth, width, demo); RESULT holds only theirs")
     args = ap.parse_args()
     sections = {s.strip() for s in args.only.split(",") if s.strip()}
     if unknown := sections - {"depth", "width", "demo"}:
         ap.error(f"unknown sections {sorted(unknown)} (supported are: depth, width, demo)")
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     started = time.perf_counter()
 
     model_dir = resolve_model(args.model)
@@ -175,7 +178,7 @@ def main() -> None:
         return quality[key]["ppl_heldout"]
 
     n = plan.dims.num_layers
-    result: dict[str, Any] = {"full_ppl": full["ppl_heldout"], "tokens": heldout.tokens}
+    result: dict[str, Any] = {"full_ppl": full["ppl_heldout"], "tokens": heldout.tokens, "threads": args.threads}
     print(f"\nfull model: {heldout.quote(full['ppl_heldout'])}")
     print(f"full model: {second.quote(full['ppl_second'])}")
     print(f"\n{'layers removed':<16} {'DP':>9} {'Block Infl.':>12} {'drop-last':>10} {'DP+maps':>9} {'BI+maps':>9}"

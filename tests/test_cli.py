@@ -101,3 +101,19 @@ def test_export_options_parse_integers_and_booleans():
 
     assert parse_options(["group_fallback=false", "dynamic_shape=True", "max_context=256", "attention=masked"]) == {
         "group_fallback": False, "dynamic_shape": True, "max_context": 256, "attention": "masked"}
+
+
+def test_third_party_noise_is_filtered_by_message_not_by_logger(caplog):
+    """torchao's CUDA-kernel load failures are dropped; the same logger's other warnings still show."""
+    import logging
+
+    from amoeba_export.cli import quiet_third_party_noise
+
+    quiet_third_party_noise()
+    quiet_third_party_noise()  # idempotent: one filter per message
+    logger = logging.getLogger("torchao")
+    assert sum(type(f).__name__ == "_DropNoise" for f in logger.filters) == 1
+    with caplog.at_level(logging.WARNING, logger="torchao"):
+        logger.warning("Failed to load /x/_C_cutlass_90a.abi3.so: Could not load this library")
+        logger.warning("a real torchao warning")
+    assert [r.getMessage() for r in caplog.records] == ["a real torchao warning"]

@@ -43,6 +43,7 @@ def test_extracted_equals_elastic_subnet(tiny_plan_dir, tmp_path, mode, width, c
     assert meta["stock"] is stock and meta["shape"]["layers"] == list(shape.layers)
     rec = meta["reconstruction"]  # least-squares width refit (the default) and depth maps were both applied
     assert rec["width"] == ("lstsq" if compensate else "none") and (rec["depth_maps"] or rec["skipped_runs"])
+    assert meta["total_seconds"] >= meta["extract_seconds"] > 0  # the whole call, loading included
     torch.save(IDS, tmp_path / "ids.pt")
     proc = subprocess.run([sys.executable, "-c", NO_AMOEBA, str(out), str(tmp_path / "ids.pt"),
                            str(tmp_path / "logits.pt")], capture_output=True, text=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..precision import PRECISIONS
 from ..reconstruct.modes import COMPENSATE_MODES
 from ..shape import PARAMS_KINDS
 
@@ -37,6 +38,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--depth-map-tokens", type=int,
                    help="calibration tokens the depth maps are fitted on (default: the plan's, 8192; up to the "
                         "plan's 16384 fit better and take proportionally longer)")
+    p.add_argument("--fit-precision", choices=PRECISIONS, default="auto",
+                   help="matmuls of the depth maps' calibration pass (default auto: bfloat16 where this machine runs "
+                        "it faster than float32, measured once; the maps are solved in float64 either way). "
+                        "float32 gives the same maps on every machine")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
 
 
@@ -51,13 +56,14 @@ def run(args: argparse.Namespace) -> int:
     if params is not None:  # the plan's dims are cheap to read (no weights)
         params = source_plan(args.source).dims.total_budget(params, args.params_kind)
     out = extract_subnet(args.source, args.out, depth=args.depth, width=args.width, mode=args.mode,
-                         params=params, compensate=args.compensate,
-                         depth_maps=args.depth_maps, depth_map_tokens=args.depth_map_tokens, round_to=args.round_to,
-                         force=args.force)
+                         params=params, compensate=args.compensate, depth_maps=args.depth_maps,
+                         depth_map_tokens=args.depth_map_tokens, fit_precision=args.fit_precision,
+                         round_to=args.round_to, force=args.force)
     meta = read_meta(out)
     kind = f"stock {meta['model_type']}" if meta["stock"] else "amoeba_llama"
     rec = meta.get("reconstruction", {})
-    maps = f", {len(rec['depth_maps'])} depth map(s) in {rec['fit_seconds']:.1f} s" if rec.get("depth_maps") else ""
+    maps = (f", {len(rec['depth_maps'])} depth map(s) in {rec['fit_seconds']:.1f} s ({rec['fit_precision']} pass)"
+            if rec.get("depth_maps") else "")
     dims = source_plan(args.source).dims
     emb = dims.embedding_params
     counts = (f"{meta['params']:,} parameters ({meta['params'] - emb:,} transformer + {emb:,} "

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..precision import compute_in, resolve
 from .modes import DEFAULT_DEPTH_RIDGE  # torch-free home, so the CLI's --help reads it
 
 if TYPE_CHECKING:
@@ -43,10 +44,12 @@ class DepthMaps:
     skipped: tuple[tuple[int, int], ...] = ()  # removed runs (first, last) with no preceding layer
     tokens: int = 0
     seconds: float = 0.0
+    precision: str = "float32"  # the calibration pass's matmuls (its statistics are float64 either way)
 
     def describe(self) -> dict[str, object]:
         return {"depth_maps": sorted(self.maps), "skipped_runs": [list(r) for r in self.skipped],
-                "calibration_tokens": self.tokens, "fit_seconds": round(self.seconds, 3)}
+                "calibration_tokens": self.tokens, "fit_seconds": round(self.seconds, 3),
+                "fit_precision": self.precision}
 
 
 def removed_runs(layers: tuple[int, ...], num_layers: int) -> list[tuple[int, int]]:
@@ -74,15 +77,27 @@ def fit_linear_map(inputs: torch.Tensor, targets: torch.Tensor, *, ridge: float 
 
 @torch.no_grad()
 def fit_depth_maps(elastic: ElasticLM, shape: Shape, rows: torch.Tensor, *,
-                   ridge: float = DEFAULT_DEPTH_RIDGE) -> DepthMaps:
-    """One calibration pass of the subnet, fitting the maps in order (each later map sees the earlier ones)."""
+                   ridge: float = DEFAULT_DEPTH_RIDGE, precision: str = "float32") -> DepthMaps:
+    """One calibration pass of the subnet, fitting the maps in order (each later map sees the earlier ones).
+
+    ``precision``: the pass's matmuls (see :mod:`amoeba_export.precision`; ``auto`` takes bfloat16 where it is
+    faster). The maps themselves are solved in float64 and returned in float32."""
     start = time.perf_counter()
+    dtype = resolve(precision, rows.device)
+    with compute_in(dtype, rows.device):
+        maps, skipped = _fit_in_order(elastic, shape, rows, ridge)
+    return DepthMaps(maps, skipped, tokens=int(rows.numel()) if maps else 0,
+                     seconds=time.perf_counter() - start if maps else 0.0, precision=str(dtype).removeprefix("torch."))
+
+
+def _fit_in_order(elastic: ElasticLM, shape: Shape, rows: torch.Tensor, ridge: float,
+                  ) -> tuple[dict[int, torch.Tensor], tuple[tuple[int, int], ...]]:
     n = elastic.dims.num_layers
     runs = removed_runs(shape.layers, n)
     fitted = [r for r in runs if r[0] > 0]
     skipped = tuple(r for r in runs if r[0] == 0)
     if not fitted:
-        return DepthMaps({}, skipped)
+        return {}, skipped
     run_after = {first - 1: (first, last) for first, last in fitted}  # preceding kept layer → its removed run
     full = elastic.widths(elastic.full_shape())
     widths = elastic.widths(shape)
@@ -104,7 +119,7 @@ def fit_depth_maps(elastic: ElasticLM, shape: Shape, rows: torch.Tensor, *,
             maps[layer] = fit_linear_map(mlp_out, target - residual, ridge=ridge)
             mlp_out = torch.nn.functional.linear(mlp_out, maps[layer].to(mlp_out.dtype))
         h = residual + mlp_out
-    return DepthMaps(maps, skipped, tokens=int(rows.numel()), seconds=time.perf_counter() - start)
+    return maps, skipped
 
 
 @dataclass
@@ -116,15 +131,16 @@ class DepthReconstruction:
 
     rows: torch.Tensor  # [n, seq] calibration token ids
     ridge: float = DEFAULT_DEPTH_RIDGE
+    precision: str = "auto"  # the calibration pass's matmuls: amoeba_export.precision.PRECISIONS
     keep: int = 8
-    _cache: OrderedDict = field(default_factory=OrderedDict, repr=False)
+    _cache: OrderedDict = field(default_factory=OrderedDict, repr=False, init=False)
 
     def maps_for(self, elastic: ElasticLM, shape: Shape) -> DepthMaps:
         key = (shape.layers, shape.q_heads, shape.kv_heads, shape.mlp)
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
-        maps = fit_depth_maps(elastic, shape, self.rows, ridge=self.ridge)
+        maps = fit_depth_maps(elastic, shape, self.rows, ridge=self.ridge, precision=self.precision)
         self._cache[key] = maps
         while len(self._cache) > self.keep:
             self._cache.popitem(last=False)

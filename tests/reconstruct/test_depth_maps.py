@@ -79,3 +79,18 @@ def test_first_map_of_a_depth_cut_is_replaceme():
         h = elastic.layers[layer](h, pos, full[layer])
     residual, mlp_out = elastic.layers[2].sublayers(h, pos, full[2])
     torch.testing.assert_close(maps.maps[2], fit_linear_map(mlp_out, target - residual, ridge=1e-3))
+
+
+@torch.no_grad()
+def test_bfloat16_pass_fits_the_float32_maps_closely_and_says_so():
+    """The calibration pass in bfloat16 (what ``auto`` picks where it is faster) changes the maps by the order
+    of bfloat16 rounding, far below their own size; the precision used is recorded."""
+    elastic = _elastic()
+    shape = Shape((0, 1, 4), (6, 6, 6), (2, 2, 2), (128, 128, 128))
+    ids = torch.randint(0, 320, (8, 64), generator=torch.Generator().manual_seed(7))
+    exact = fit_depth_maps(elastic, shape, ids, ridge=1e-3)
+    fast = fit_depth_maps(elastic, shape, ids, ridge=1e-3, precision="bfloat16")
+    assert (exact.precision, fast.precision) == ("float32", "bfloat16")
+    assert fast.describe()["fit_precision"] == "bfloat16"
+    rel = (fast.maps[1] - exact.maps[1]).norm() / exact.maps[1].norm()
+    assert 0 < rel < 0.1, rel
