@@ -40,6 +40,9 @@ def variants():
         "8da4w-gptq": gptq,
         "8da4w-gptq + down 8-bit": dataclasses.replace(gptq, keep_8bit=("down_proj",)),
         "8da4w-attn-gptq": RECIPES["8da4w-attn-gptq"],
+        # the MLP's gate/up are what int4 cannot hold (table above): keep only those in 8 bits, the rest GPTQ int4
+        "8da4w-gptq + gate,up 8-bit": dataclasses.replace(gptq, keep_8bit=("gate_proj", "up_proj")),
+        "8da4w-gptq + gate,up,v 8-bit": dataclasses.replace(gptq, keep_8bit=("gate_proj", "up_proj", "v_proj")),
     }
     out = {name: (recipe, None) for name, recipe in plain.items()}
     out["8da4w-gptq, 16,384 tokens"] = (dataclasses.replace(gptq, calibration_tokens=16384),
