@@ -117,3 +117,18 @@ def test_third_party_noise_is_filtered_by_message_not_by_logger(caplog):
         logger.warning("Failed to load /x/_C_cutlass_90a.abi3.so: Could not load this library")
         logger.warning("a real torchao warning")
     assert [r.getMessage() for r in caplog.records] == ["a real torchao warning"]
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_extract_fit_precision_is_what_meta_records(capsys, tiny_plan_dir, tmp_path, precision):
+    from amoeba_export.artifacts import read_meta
+    from amoeba_export.extract import source_plan
+
+    plan = source_plan(tiny_plan_dir)
+    # the deepest cut whose removed layers all follow a kept one, so at least one map is fitted
+    depth = next(d for d in sorted(plan.depths) if 0 in plan.depth_table[d] and d < plan.dims.num_layers)
+    assert main(["extract", str(tiny_plan_dir), "--out", str(tmp_path / "s"), "--depth", str(depth),
+                 "--fit-precision", precision]) == 0
+    rec = read_meta(tmp_path / "s")["reconstruction"]
+    assert rec["depth_maps"] and rec["fit_precision"] == precision
+    assert f"({precision} pass)" in capsys.readouterr().out
