@@ -272,3 +272,35 @@ def test_real_subnet_fp32_passes_gate(tmp_path):
     art = get_backend("executorch").export(sub, tmp_path / "fp32", "fp32", max_context=256)
     report = validate_artifact(art.path, sub, max_tokens=512, seq_len=256)
     assert report.passed and report.metrics["top1_agreement"] >= 0.99
+
+
+def test_xnnpack_passes_are_skipped_only_where_they_cannot_act(stock_dir, tmp_path, monkeypatch):
+    """Lowering with the pass filter gives the very same .pte as ExecuTorch's full pass list, while at least
+    one partition ran fewer passes (so the comparison is not vacuous)."""
+    import contextlib
+
+    from executorch.backends.xnnpack._passes import XNNPACKPassManager
+
+    from amoeba_export.backends.executorch import backend as et
+    from amoeba_export.backends.executorch.xnnpack_passes import PASS_TRIGGERS, needed
+
+    ran: list[list[str]] = []
+    transform = XNNPACKPassManager.transform
+
+    def spy(self):
+        ran.append([p.__name__ for p in self.passes])
+        return transform(self)
+
+    monkeypatch.setattr(XNNPACKPassManager, "transform", spy)
+    backend = get_backend("executorch")
+    filtered = backend.export(stock_dir, tmp_path / "filtered", "8da4w-attn", max_context=CTX)
+    with_filter, ran[:] = list(ran), []
+    monkeypatch.setattr(et, "only_passes_that_can_act", contextlib.nullcontext)
+    every = backend.export(stock_dir, tmp_path / "every", "8da4w-attn", max_context=CTX)
+    assert len(with_filter) == len(ran) > 0
+    assert any(len(a) < len(b) for a, b in zip(with_filter, ran))
+    assert all(set(b) - set(a) <= set(PASS_TRIGGERS) for a, b in zip(with_filter, ran))
+    assert filtered.model_file.read_bytes() == every.model_file.read_bytes()
+    # a partition with a trigger op keeps its pass
+    assert needed("ConvertToSDPAPass", {"aten._softmax.default"}) and not needed("ConvertToSDPAPass", {"aten.mm"})
+    assert needed("ConvertToLinearPass", set())  # passes without triggers always run
