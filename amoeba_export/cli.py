@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import re
 import sys
+import warnings
 
 # verb -> (module under amoeba_export.commands, one-line help). Order = order in --help.
 VERBS: dict[str, tuple[str, str]] = {
@@ -35,6 +37,17 @@ NOISE: tuple[tuple[str, str, str], ...] = (
 )
 
 
+# Python warnings of the same kind, as (category, start of the message, why): ExecuTorch's exporter raises them once
+# per traced op, dozens of lines in every `amoeba export --backend executorch`.
+WARNING_NOISE: tuple[tuple[type[Warning], str, str], ...] = (
+    (FutureWarning, "_check_is_size will be removed", "inside ExecuTorch's llama custom ops, not in our code"),
+    (FutureWarning, "`isinstance(treespec, LeafSpec)` is deprecated", "torch's pytree, reached from ExecuTorch"),
+    # the KV cache is the mutated buffer; every position is written before it is read, so its initial state
+    # not being serialized is what we want
+    (UserWarning, "Mutation on a buffer in the model is detected", "the KV cache, written before it is read"),
+)
+
+
 class _DropNoise(logging.Filter):
     def __init__(self, text: str) -> None:
         super().__init__()
@@ -45,11 +58,15 @@ class _DropNoise(logging.Filter):
 
 
 def quiet_third_party_noise() -> None:
-    """Install the :data:`NOISE` filters (idempotent)."""
+    """Install the :data:`NOISE` and :data:`WARNING_NOISE` filters (idempotent)."""
     for name, text, _why in NOISE:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropNoise) and f.text == text for f in logger.filters):
             logger.addFilter(_DropNoise(text))
+    for category, start, _why in WARNING_NOISE:
+        # filterwarnings matches the message's start (a regex): the text is escaped, and adding the same filter
+        # again replaces it rather than stacking
+        warnings.filterwarnings("ignore", message=re.escape(start), category=category)
 
 
 def build_parser(verb: str | None = None) -> argparse.ArgumentParser:

@@ -132,3 +132,17 @@ def test_extract_fit_precision_is_what_meta_records(capsys, tiny_plan_dir, tmp_p
     rec = read_meta(tmp_path / "s")["reconstruction"]
     assert rec["depth_maps"] and rec["fit_precision"] == precision
     assert f"({precision} pass)" in capsys.readouterr().out
+
+
+def test_exporter_future_warnings_are_filtered_and_others_are_not():
+    import warnings
+
+    from amoeba_export.cli import quiet_third_party_noise
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_third_party_noise()
+        warnings.warn("_check_is_size will be removed in a future PyTorch release", FutureWarning, stacklevel=1)
+        warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", FutureWarning, stacklevel=1)
+        warnings.warn("something else will be removed", FutureWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == ["something else will be removed"]
