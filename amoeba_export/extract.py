@@ -20,7 +20,7 @@ from .artifacts import atomic_dir, read_meta, write_json, write_meta
 from .elastic import ElasticLM
 from .errors import OutputExistsError, ShapeError
 from .identity import stage_identity
-from .precision import resolve
+from .precision import check as check_precision
 from .reconstruct import DepthMaps
 from .shape import Shape
 
@@ -226,7 +226,7 @@ def extract_subnet(source: str | Path, out: str | Path, *, depth: int | None = N
     start = time.perf_counter()
     if Path(out).exists() and not force:
         raise OutputExistsError(f"output folder {out} already exists", fix="pass --force to replace it")
-    resolve(fit_precision)  # fail on a bad name or an impossible shape before loading any weights
+    check_precision(fit_precision)  # fail on a bad name or an impossible shape before loading any weights
     plan = source_plan(source)
     if params is None:
         if depth is None:

@@ -61,13 +61,18 @@ def bfloat16_pays(device_type: str) -> bool:
     return fp32 >= _MIN_SPEEDUP * bf16
 
 
+def check(precision: str) -> None:
+    """Raise unless ``precision`` is one of :data:`PRECISIONS` (no timing: cheap enough to validate inputs)."""
+    if precision not in PRECISIONS:
+        raise ConfigError("precision", [f"unknown precision {precision!r}; supported are: {', '.join(PRECISIONS)}"],
+                          fix="pass one of the supported precisions")
+
+
 def resolve(precision: str, device: torch.device | str = "cpu") -> torch.dtype:
     """The compute dtype ``precision`` (one of :data:`PRECISIONS`) means on ``device``."""
     import torch
 
-    if precision not in PRECISIONS:
-        raise ConfigError("precision", [f"unknown precision {precision!r}; supported are: {', '.join(PRECISIONS)}"],
-                          fix="pass one of the supported precisions")
+    check(precision)
     if precision == "auto":
         return torch.bfloat16 if bfloat16_pays(torch.device(device).type) else torch.float32
     return getattr(torch, precision)
