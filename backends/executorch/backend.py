@@ -17,10 +17,13 @@ in one call. Export records seconds and peak RSS for each stage
 
 ``dynamic_shape=False`` exports ``forward`` for one token per call (``enable_dynamic_shape`` false, which
 ExecuTorch's runner answers by prefilling token by token, as this backend's runner does): symbolic sequence
-lengths roughly double the lowering time (measured on a 2-layer SmolLM2-sized model: 85 s dynamic, 38 s
-static). But it decodes slower, not only prefills: a 4-layer SmolLM2 probe (8da4w-attn, 2 threads, 64 tokens,
-two runs each, side by side) decoded at 316 / 361 tok/s static vs 555 / 594 tok/s dynamic — so the deploy
-search's speed calibration exports dynamic programs like the artifact it predicts. Prefill runs at decode speed.
+lengths roughly double the lowering time (full SmolLM2-135M, 8da4w-attn: 187 s static vs 360 s dynamic). It
+decodes as fast — the full model's two programs loaded in one process and stepped alternately, 3 × 128 steps
+each: 6.50 vs 6.45 ms per token median, a 4-layer probe 2.00 vs 2.03 ms, files within 0.05 % — but prefills at
+decode speed (≈ 150 vs ≈ 900 tok/s for the full model), so artifacts stay dynamic and the deploy search's speed
+calibration, which times decode only, exports its probes static (:meth:`ExecuTorchBackend.speed_twin`).
+(An earlier note here said static programs decode slower, from two runs each of separate processes; on these
+VMs such runs vary up to 2× from one minute to the next, which alternating steps cancel.)
 
 The q/k/v and gate/up linears are not fused into one matmul each (ExecuTorch 1.4.1): tried on a 4-layer SmolLM2
 probe (8da4w-attn, weights concatenated after quantization, outputs split back), lowering took as long (45-54 s
@@ -285,9 +288,12 @@ class ExecuTorchBackend(Backend):
         return Artifact.open(out_dir)
 
     def speed_twin(self, quant: str, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-        """The recipe's round-to-nearest twin: GPTQ changes codes only, never sizes, grids or kernels. The export
-        options stay the artifact's: a static (``dynamic_shape=False``) twin lowers faster but decodes slower."""
-        return rtn_twin(get_recipe(self.check_quant(quant))).name, options
+        """The recipe's round-to-nearest twin (GPTQ changes codes only, never sizes, grids or kernels), exported
+        one token per call: a static program lowers in about half the time and decodes as fast (module
+        docstring), and a calibration times decode only. Without the validation method, which needs dynamic
+        shapes and is never timed."""
+        return rtn_twin(get_recipe(self.check_quant(quant))).name, {**options, "dynamic_shape": False,
+                                                                     "full_logits_method": False}
 
     def option_problems(self, quant: str, options: dict[str, Any]) -> list[str]:
         out = [f"unknown ExecuTorch export option {k!r} (supported are: {', '.join(EXPORT_OPTIONS)})"

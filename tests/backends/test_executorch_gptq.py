@@ -162,12 +162,17 @@ def test_exported_gptq_program_matches_eager(tiny_dir, tmp_path):
                                              ("8da4w-attn", "8da4w-attn"), ("fp32", "fp32")])
 def test_speed_calibration_exports_the_round_to_nearest_twin(quant, twin):
     """The deploy search times subnets without the GPTQ pass: the twin has the same grids, so the same bytes and
-    kernels (sizing prices both alike); only the codes differ."""
+    kernels (sizing prices both alike); only the codes differ. It is exported one token per call (half the
+    lowering, the same decode speed), whatever the artifact's options."""
     from dataclasses import asdict
 
     from amoeba_export.backends.executorch.recipes import RECIPES
 
-    assert get_backend("executorch").speed_twin(quant, {"max_context": 64}) == (twin, {"max_context": 64})
+    twin_options = {"max_context": 64, "dynamic_shape": False, "full_logits_method": False}
+    assert get_backend("executorch").speed_twin(quant, {"max_context": 64}) == (twin, twin_options)
+    assert get_backend("executorch").speed_twin(quant, {"max_context": 64, "full_logits_method": True,
+                                                        "dynamic_shape": True}) == (twin, twin_options)
+    assert not get_backend("executorch").option_problems(twin, twin_options)
     differs = {k for k, v in asdict(RECIPES[quant]).items() if asdict(RECIPES[twin])[k] != v}
     assert differs <= {"name", "description", "rounding", "calibration_tokens"}
 
