@@ -7,11 +7,12 @@ Models (all least squares over the calibration points, coefficients kept ≥ 0 w
 - memory:       peak RSS   = m0 + m1 · W  + KV cache at the profile's context length
 
 The probes are the first few layers of the widest and the narrowest candidate (``probe_shapes``), not
-candidates themselves: an ExecuTorch lowering costs ≈ 15–20 s per layer on 2 cores, so two mid-sized
-candidates (36 layers) took 714 s while the probes (13 layers) take ≈ 300 s on a 2-core AMD EPYC — and they span
-W and L as widely, since every candidate shares the embedding and lm_head and differs only in how many layers
-of what width it streams. The fit is cached per
-(source, backend, quant, export options, threads, machine, probes), so it is paid once.
+candidates themselves: an ExecuTorch lowering costs ≈ 15–20 s per layer on 2 cores with dynamic shapes, so two
+mid-sized candidates (36 layers) took 714 s while the probes (13 layers) took ≈ 300 s on a 2-core AMD EPYC — and
+they span W and L as widely, since every candidate shares the embedding and lm_head and differs only in how many
+layers of what width it streams. Each probe is the backend's ``speed_twin``: for ExecuTorch a one-token program,
+which lowers in about half the time and decodes as fast (136 s for the three on a 2-core Xeon in ``make demo``).
+The fit is cached per (source, backend, quant, export options, threads, machine, probes), so it is paid once.
 """
 
 from __future__ import annotations

@@ -17,9 +17,11 @@ in one call. Export records seconds and peak RSS for each stage
 
 ``dynamic_shape=False`` exports ``forward`` for one token per call (``enable_dynamic_shape`` false, which
 ExecuTorch's runner answers by prefilling token by token, as this backend's runner does): symbolic sequence
-lengths roughly double the lowering time (full SmolLM2-135M, 8da4w-attn: 187 s static vs 360 s dynamic). It
-decodes as fast — the full model's two programs loaded in one process and stepped alternately, 3 × 128 steps
-each: 6.50 vs 6.45 ms per token median, a 4-layer probe 2.00 vs 2.03 ms, files within 0.05 % — but prefills at
+lengths roughly double the lowering time (``bench/executorch_static_decode.py --layers 8``: export 48.6 vs
+85.5 s; the full SmolLM2-135M 8da4w-attn exports in 187 s static on a 2-core Xeon, 360 s dynamic in a quiet run
+on a 2-core EPYC). It decodes as fast — the same bench loads both programs in one process and steps them
+alternately, 3 × 128 steps each: 2.518 vs 2.505 ms per step for 8 layers; the full model 6.50 vs 6.45 ms in a
+one-off run of the same method; files within 0.05 % — but prefills at
 decode speed (≈ 150 vs ≈ 900 tok/s for the full model), so artifacts stay dynamic and the deploy search's speed
 calibration, which times decode only, exports its probes static (:meth:`ExecuTorchBackend.speed_twin`).
 (An earlier note here said static programs decode slower, from two runs each of separate processes; on these
