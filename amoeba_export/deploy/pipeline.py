@@ -168,11 +168,13 @@ class Deployment:
         return {"params": read_meta(folder)["params"], "extract_seconds": read_meta(folder)["extract_seconds"]}
 
     def _export(self, folder: Path) -> dict[str, Any]:
-        from ..backends import get_backend
+        from ..backends.export_process import export_in_child
 
-        self._loaded = None  # the elastic model is not needed any more; free its memory for the export
-        artifact = get_backend(self.profile.backend).export(stage_dir(self.out, "extract"), folder,
-                                                            self.profile.quant, force=True, **self.profile.export)
+        self._loaded = None  # the elastic model is not needed any more
+        # In a fresh process: this one holds what the earlier stages loaded (backends/export_process.py says how
+        # much), and a native crash while exporting becomes an error instead of ending the deploy.
+        artifact = export_in_child(self.profile.backend, stage_dir(self.out, "extract"), folder, self.profile.quant,
+                                   force=True, **self.profile.export)
         return {"model_file": artifact.meta["model_file"], "model_bytes": artifact.size_bytes,
                 "notes": artifact.meta.get("notes", [])}
 
