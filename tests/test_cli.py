@@ -134,6 +134,26 @@ def test_extract_fit_precision_is_what_meta_records(capsys, tiny_plan_dir, tmp_p
     assert f"({precision} pass)" in capsys.readouterr().out
 
 
+def test_depth_map_tokens_are_printed_and_more_than_the_plan_holds_is_an_error(capsys, tiny_plan_dir, tmp_path):
+    """The fit's token count is in the printout and meta; asking for more calibration tokens than the plan holds
+    is one error line naming the most it can give, never a silent cap."""
+    from amoeba_export.artifacts import read_meta
+    from amoeba_export.extract import source_plan
+
+    plan = source_plan(tiny_plan_dir)
+    held, row = plan.calibration_rows.numel(), plan.calibration_rows.shape[1]
+    depth = next(d for d in sorted(plan.depths) if 0 in plan.depth_table[d] and d < plan.dims.num_layers)
+    args = ["extract", str(tiny_plan_dir), "--depth", str(depth), "--depth-map-tokens"]
+    assert main([*args, str(held), "--out", str(tmp_path / "s")]) == 0
+    assert read_meta(tmp_path / "s")["reconstruction"]["calibration_tokens"] == held
+    assert f"fitted on {held:,} tokens" in capsys.readouterr().out
+    for tokens in (held + row, row - 1):
+        assert main([*args, str(tokens), "--out", str(tmp_path / f"t{tokens}")]) != 0
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("error: depth-map tokens") and f"pass from {row:,} to {held:,}" in err[-1]
+        assert not (tmp_path / f"t{tokens}").exists()
+
+
 def test_exporter_future_warnings_are_filtered_and_others_are_not():
     import warnings
 

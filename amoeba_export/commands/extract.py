@@ -37,7 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     maps.add_argument("--no-depth-maps", dest="depth_maps", action="store_false")
     p.add_argument("--depth-map-tokens", type=int,
                    help="calibration tokens the depth maps are fitted on (default: the plan's, 8192; up to the "
-                        "plan's 16384 fit better and take proportionally longer)")
+                        "plan's 16384 fit better and take proportionally longer; more than the plan holds is an "
+                        "error)")
     p.add_argument("--fit-precision", choices=PRECISIONS, default="auto",
                    help="matmuls of the depth maps' calibration pass (default auto: bfloat16 where this machine runs "
                         "it faster than float32, measured once; the maps are solved in float64 either way). "
@@ -62,8 +63,8 @@ def run(args: argparse.Namespace) -> int:
     meta = read_meta(out)
     kind = f"stock {meta['model_type']}" if meta["stock"] else "amoeba_llama"
     rec = meta.get("reconstruction", {})
-    maps = (f", {len(rec['depth_maps'])} depth map(s) in {rec['fit_seconds']:.1f} s ({rec['fit_precision']} pass)"
-            if rec.get("depth_maps") else "")
+    maps = (f", {len(rec['depth_maps'])} depth map(s) fitted on {rec['calibration_tokens']:,} tokens in "
+            f"{rec['fit_seconds']:.1f} s ({rec['fit_precision']} pass)" if rec.get("depth_maps") else "")
     dims = source_plan(args.source).dims
     emb = dims.embedding_params
     counts = (f"{meta['params']:,} parameters ({meta['params'] - emb:,} transformer + {emb:,} "

@@ -274,11 +274,17 @@ class Plan:
         return DepthReconstruction(self.depth_map_rows(tokens), ridge=self.config.depth_ridge)
 
     def depth_map_rows(self, tokens: int | None = None) -> torch.Tensor:
-        """``tokens`` (default ``depth_map_tokens``; at most all) of the calibration rows, spread over them."""
+        """``tokens`` of the calibration rows, spread over them: whole rows, from one row up to all the plan holds.
+        The default is the plan's ``depth_map_tokens``, or every row when the plan holds fewer (a small plan); a
+        number asked for explicitly beyond what it holds is an error, not a silent cap."""
         rows = self.calibration_rows
         if rows is None:
             raise CheckpointError("this plan holds no calibration rows for depth maps", fix="re-run amoeba plan")
-        tokens = self.config.depth_map_tokens if tokens is None else tokens
+        tokens = min(self.config.depth_map_tokens, rows.numel()) if tokens is None else tokens
+        if not rows.shape[1] <= tokens <= rows.numel():
+            raise ConfigError("depth-map tokens", [f"{tokens:,} asked; this plan holds {rows.numel():,} calibration "
+                                                   f"tokens in rows of {rows.shape[1]}"],
+                              fix=f"pass from {rows.shape[1]:,} to {rows.numel():,}")
         n = max(1, min(rows.shape[0], tokens // rows.shape[1]))
         return rows[torch.linspace(0, rows.shape[0] - 1, n).round().long()]
 
