@@ -48,6 +48,54 @@ def first_layers(n: int, out: Path) -> Path:
     return out
 
 
+def export_fresh(hf: Path, out: Path, recipe: str, threads: int, *, dynamic: bool = True) -> dict:
+    """One ExecuTorch export in a fresh process (so its seconds are its own): ``{"export_s", "bytes"}``."""
+    kind = "dynamic" if dynamic else "static"
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(hf), str(out), recipe, kind, str(threads)],
+                          capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(f"error: the {kind} export of {hf} failed: {proc.stderr[-1500:]}")
+    meta = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("META "))[5:])
+    return {"export_s": round(meta["export_s"], 1), "bytes": meta["bytes"]}
+
+
+def alternated_decode(artifacts: list[Path], *, steps: int, rounds: int, threads: int) -> list[list[float]]:
+    """Seconds of each decode step of each ExecuTorch artifact, all loaded in this process and stepped in turn
+    (one step each, the order swapped every step), ``steps`` steps a round from a 4-token prompt."""
+    from amoeba_export.backends import get_backend
+    from amoeba_export.backends.base import Artifact
+
+    backend = get_backend("executorch")
+    runners = [backend.load(Artifact.open(a), isolated=False, threads=threads) for a in artifacts]
+    times: list[list[float]] = [[] for _ in runners]
+    prompt = [1, 2, 3, 4]
+    for _ in range(rounds):
+        for runner in runners:
+            runner._step(prompt, 0)  # each program's own cache, refilled from position 0 every round
+        for i in range(steps):
+            order = range(len(runners)) if i % 2 == 0 else reversed(range(len(runners)))
+            for j in order:
+                start = time.perf_counter()
+                runners[j]._step([5 + i % 100], len(prompt) + i)
+                times[j].append(time.perf_counter() - start)
+    for runner in runners:
+        runner.close()
+    return times
+
+
+def export_and_alternate(sources: dict[str, tuple[Path, bool]], work: Path, args) -> dict:
+    """Export each ``name: (hf folder, dynamic)`` under ``work`` in a fresh process, then decode them alternated:
+    ``{name}_export_s``, ``{name}_bytes`` and ``{name}_ms_per_token`` (median) per source."""
+    result = {}
+    for name, (hf, dynamic) in sources.items():
+        meta = export_fresh(hf, work / name, args.recipe, args.threads, dynamic=dynamic)
+        result[f"{name}_export_s"], result[f"{name}_bytes"] = meta["export_s"], meta["bytes"]
+    times = alternated_decode([work / n for n in sources], steps=args.steps, rounds=args.rounds, threads=args.threads)
+    for name, ts in zip(sources, times):
+        result[f"{name}_ms_per_token"] = round(1e3 * statistics.median(ts), 3)
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=30, help="first layers of the default model (30: all)")
@@ -58,38 +106,13 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
-    from amoeba_export.backends import get_backend
-    from amoeba_export.backends.base import Artifact
-
     torch.set_num_threads(args.threads)
     kinds = ("static", "dynamic")
     result: dict = {"layers": args.layers, "recipe": args.recipe, "threads": args.threads,
                     "steps": args.steps * args.rounds}
     with tempfile.TemporaryDirectory() as tmp:
         hf = first_layers(args.layers, Path(tmp) / "hf")
-        for kind in kinds:
-            proc = subprocess.run([sys.executable, "-c", CHILD, str(hf), str(Path(tmp) / kind), args.recipe, kind,
-                                   str(args.threads)], capture_output=True, text=True)
-            if proc.returncode:
-                sys.exit(f"error: the {kind} export failed: {proc.stderr[-1500:]}")
-            meta = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("META "))[5:])
-            result[f"{kind}_export_s"], result[f"{kind}_bytes"] = round(meta["export_s"], 1), meta["bytes"]
-        backend = get_backend("executorch")
-        runners = [backend.load(Artifact.open(Path(tmp) / k), isolated=False, threads=args.threads) for k in kinds]
-        times: list[list[float]] = [[], []]
-        prompt = [1, 2, 3, 4]
-        for _ in range(args.rounds):
-            for runner in runners:
-                runner._step(prompt, 0)  # each program's own cache, refilled from position 0 every round
-            for i in range(args.steps):
-                for j in ((0, 1) if i % 2 == 0 else (1, 0)):
-                    start = time.perf_counter()
-                    runners[j]._step([5 + i % 100], len(prompt) + i)
-                    times[j].append(time.perf_counter() - start)
-        for runner in runners:
-            runner.close()
-    for kind, ts in zip(kinds, times):
-        result[f"{kind}_ms_per_token"] = round(1e3 * statistics.median(ts), 3)
+        result |= export_and_alternate({k: (hf, k == "dynamic") for k in kinds}, Path(tmp), args)
     result["static_over_dynamic"] = round(result["static_ms_per_token"] / result["dynamic_ms_per_token"], 4)
     result["export_speedup"] = round(result["dynamic_export_s"] / result["static_export_s"], 2)
     print(f"decode, median ms per step over {result['steps']} alternated steps: static "
