@@ -23,11 +23,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from amoeba_export import errors
 from amoeba_export.errors import BackendError, RuntimeCrashError
 
 from .base import Artifact
-from .isolation import FAULT_ENV, signal_name
+from .isolation import FAULT_ENV, error_reply, raise_reply_error, signal_name
 
 
 def export_in_child(backend: str, hf_dir: str | Path, out_dir: str | Path, quant: str, *, force: bool = False,
@@ -48,11 +47,7 @@ def export_in_child(backend: str, hf_dir: str | Path, out_dir: str | Path, quant
     if reply is None:
         raise BackendError(f"{what} exited with code {code} and no reply", fix="run amoeba export on it to see why")
     if not reply.get("ok"):
-        cls = getattr(errors, reply.get("error", ""), None)
-        if isinstance(cls, type) and issubclass(cls, errors.AmoebaError) and cls is not errors.ConfigError:
-            raise cls(reply["message"], fix=reply.get("fix"))
-        raise BackendError(f"{what} failed: {reply['message']}", fix=reply.get("fix") or "run amoeba export on it "
-                           "to see the whole error")
+        raise_reply_error(reply, f"{what} failed", "run amoeba export on it to see the whole error")
     return Artifact.open(out_dir)
 
 
@@ -68,13 +63,8 @@ def main(argv: list[str]) -> int:
     try:
         get_backend(request["backend"]).export(Path(request["hf_dir"]), Path(request["out_dir"]), request["quant"],
                                                force=request["force"], **request["options"])
-    except errors.AmoebaError as exc:
-        message = str(exc).removesuffix(f" ({exc.fix})") if exc.fix else str(exc)
-        reply_path.write_text(json.dumps({"ok": False, "error": type(exc).__name__, "message": message,
-                                          "fix": exc.fix}))
-        return 1
-    except Exception as exc:  # a bug or a library's own error: reported in one line, the parent raises it
-        reply_path.write_text(json.dumps({"ok": False, "message": f"{type(exc).__name__}: {exc}"}))
+    except Exception as exc:  # ours by class and fix; a bug or a library's error in one line, the parent raises it
+        reply_path.write_text(json.dumps(error_reply(exc)))
         return 1
     reply_path.write_text(json.dumps({"ok": True}))
     return 0

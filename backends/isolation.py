@@ -77,6 +77,24 @@ def _recv(stream: BinaryIO) -> tuple[dict[str, Any], np.ndarray | None] | None:
     return header, np.frombuffer(raw, dtype=dtype).reshape(spec["shape"])
 
 
+def error_reply(exc: Exception) -> dict[str, Any]:
+    """A child's failure as a JSON reply: an :class:`~amoeba_export.errors.AmoebaError` by class name, message and
+    fix (so the parent can raise the same error); anything else as its type and message."""
+    if isinstance(exc, errors.AmoebaError):
+        message = str(exc).removesuffix(f" ({exc.fix})") if exc.fix else str(exc)
+        return {"ok": False, "error": type(exc).__name__, "message": message, "fix": exc.fix}
+    return {"ok": False, "message": f"{type(exc).__name__}: {exc}"}
+
+
+def raise_reply_error(reply: dict[str, Any], context: str, fix: str) -> None:
+    """Raise the error a failed ``reply`` (:func:`error_reply`) carries: the same AmoebaError subclass with its fix
+    where it names one (ConfigError's signature differs), else a BackendError ``"<context>: <message>"``."""
+    cls = getattr(errors, reply.get("error", ""), None)
+    if isinstance(cls, type) and issubclass(cls, errors.AmoebaError) and cls is not errors.ConfigError:
+        raise cls(reply["message"], fix=reply.get("fix"))
+    raise BackendError(f"{context}: {reply['message']}", fix=reply.get("fix") or fix)
+
+
 def crash_error(artifact: Artifact, returncode: int, runtime: str, fix: str) -> RuntimeCrashError:
     """The one-line error for a runtime process that ``artifact`` killed with a signal."""
     return RuntimeCrashError(f"{runtime} crashed ({signal_name(returncode)}) running {artifact.model_file} "
@@ -138,11 +156,8 @@ class IsolatedRunner(Runner):
             self._raise_dead()
         header, array = reply
         if not header.get("ok"):
-            cls = getattr(errors, header.get("error", ""), None)
-            if isinstance(cls, type) and issubclass(cls, errors.AmoebaError) and cls is not errors.ConfigError:
-                raise cls(header["message"], fix=header.get("fix"))
-            raise BackendError(f"{self._runtime} failed on {self._artifact.model_file.name}: {header['message']}",
-                               fix=header.get("fix") or "re-export the artifact; run amoeba validate for details")
+            raise_reply_error(header, f"{self._runtime} failed on {self._artifact.model_file.name}",
+                              "re-export the artifact; run amoeba validate for details")
         return header, array
 
     def _raise_dead(self) -> None:
@@ -228,11 +243,8 @@ def _serve(requests: BinaryIO, replies: BinaryIO) -> int:
                 _send(replies, {"ok": True, "tokens": [int(t) for t in runner.tokenize(req["text"])]})
             else:
                 _send(replies, {"ok": False, "message": f"unknown request {op!r}"})
-        except errors.AmoebaError as exc:
-            message = str(exc).removesuffix(f" ({exc.fix})") if exc.fix else str(exc)
-            _send(replies, {"ok": False, "error": type(exc).__name__, "message": message, "fix": exc.fix})
-        except Exception as exc:  # the runtime's own exceptions: reported, the parent decides
-            _send(replies, {"ok": False, "message": f"{type(exc).__name__}: {exc}"})
+        except Exception as exc:  # ours by class and fix; the runtime's own reported, the parent decides
+            _send(replies, error_reply(exc))
     if runner is not None:
         runner.close()
     return 0
@@ -248,4 +260,5 @@ if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
 
 
-__all__ = ["FAULT_ENV", "IsolatedRunner", "RuntimeCrashError", "crash_error", "signal_name"]
+__all__ = ["FAULT_ENV", "IsolatedRunner", "RuntimeCrashError", "crash_error", "error_reply", "raise_reply_error",
+           "signal_name"]

@@ -1,11 +1,12 @@
 """Does a one-token (static) ExecuTorch program decode as fast as the dynamic-shape one? Decode steps alternated.
 
 Exports the same HF folder (default: SmolLM2-135M, or its first ``--layers``) with one recipe twice, each in a
-fresh process: ``dynamic_shape=true`` (what artifacts ship) and ``false`` (what the deploy search's speed
-calibration exports, ``ExecuTorchBackend.speed_twin``). Then loads both programs in one process and decodes
-with them in turn, one step each, ``--steps`` steps a round, the order swapped every step: on a shared VM whose
-speed drifts minute to minute, separate runs disagree by up to 2×, alternating steps see the same drift. Reports
-each program's median milliseconds per decode step, file size and export seconds; ends with ``RESULT {json}``.
+fresh process with its default threads (as ``amoeba deploy`` exports): ``dynamic_shape=true`` (what artifacts
+ship) and ``false`` (what the deploy search's speed calibration exports, ``ExecuTorchBackend.speed_twin``).
+Then loads both programs in one process and decodes with them in turn, one step each, ``--steps`` steps a
+round, the order swapped every step: on a shared VM whose speed drifts minute to minute, separate runs
+disagree by up to 2×, alternating steps see the same drift. Reports each program's median milliseconds per
+decode step, file size and export seconds; ends with ``RESULT {json}``.
 
     python bench/executorch_static_decode.py [--layers 30] [--recipe 8da4w-attn] [--steps 128] [--rounds 3]
 """
@@ -15,21 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-
-CHILD = r"""
-import json, sys, torch
-torch.set_num_threads(int(sys.argv[5]))
-from pathlib import Path
-from amoeba_export.backends import get_backend
-art = get_backend("executorch").export(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], force=True,
-                                       dynamic_shape=sys.argv[4] == "dynamic")
-print("META " + json.dumps({"export_s": art.meta["export_seconds"], "bytes": art.size_bytes}))
-"""
 
 
 def first_layers(n: int, out: Path) -> Path:
@@ -48,15 +38,17 @@ def first_layers(n: int, out: Path) -> Path:
     return out
 
 
-def export_fresh(hf: Path, out: Path, recipe: str, threads: int, *, dynamic: bool = True) -> dict:
-    """One ExecuTorch export in a fresh process (so its seconds are its own): ``{"export_s", "bytes"}``."""
-    kind = "dynamic" if dynamic else "static"
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(hf), str(out), recipe, kind, str(threads)],
-                          capture_output=True, text=True)
-    if proc.returncode:
-        sys.exit(f"error: the {kind} export of {hf} failed: {proc.stderr[-1500:]}")
-    meta = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("META "))[5:])
-    return {"export_s": round(meta["export_s"], 1), "bytes": meta["bytes"]}
+def export_fresh(hf: Path, out: Path, recipe: str, *, dynamic: bool = True) -> dict:
+    """One ExecuTorch export in a fresh process (the deploy's ``export_in_child``, so its seconds and peak RSS are
+    its own): ``{"export_s", "bytes"}``."""
+    from amoeba_export.backends.export_process import export_in_child
+    from amoeba_export.errors import AmoebaError
+
+    try:
+        art = export_in_child("executorch", hf, out, recipe, force=True, dynamic_shape=dynamic)
+    except AmoebaError as exc:
+        sys.exit(f"error: {exc}")
+    return {"export_s": round(art.meta["export_seconds"], 1), "bytes": art.size_bytes}
 
 
 def alternated_decode(artifacts: list[Path], *, steps: int, rounds: int, threads: int) -> list[list[float]]:
@@ -88,7 +80,7 @@ def export_and_alternate(sources: dict[str, tuple[Path, bool]], work: Path, args
     ``{name}_export_s``, ``{name}_bytes`` and ``{name}_ms_per_token`` (median) per source."""
     result = {}
     for name, (hf, dynamic) in sources.items():
-        meta = export_fresh(hf, work / name, args.recipe, args.threads, dynamic=dynamic)
+        meta = export_fresh(hf, work / name, args.recipe, dynamic=dynamic)
         result[f"{name}_export_s"], result[f"{name}_bytes"] = meta["export_s"], meta["bytes"]
     times = alternated_decode([work / n for n in sources], steps=args.steps, rounds=args.rounds, threads=args.threads)
     for name, ts in zip(sources, times):
