@@ -285,7 +285,7 @@ class Plan:
             raise ConfigError("depth-map tokens", [f"{tokens:,} asked; this plan holds {rows.numel():,} calibration "
                                                    f"tokens in rows of {rows.shape[1]}"],
                               fix=f"pass from {rows.shape[1]:,} to {rows.numel():,}")
-        n = max(1, min(rows.shape[0], tokens // rows.shape[1]))
+        n = tokens // rows.shape[1]  # 1 ≤ n ≤ rows held, by the check above
         return rows[torch.linspace(0, rows.shape[0] - 1, n).round().long()]
 
     @cached_property
